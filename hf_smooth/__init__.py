@@ -1,15 +1,25 @@
 """hf_smooth: exact token-level label smoothing and MaxSup for Hugging Face training pipelines.
 
-The maths lives in :mod:`hf_smooth.losses` (and the fused linear path in :mod:`hf_smooth.fused`); everything else
-routes to it.
+The maths lives in :mod:`hf_smooth.losses` (and the fused linear path in :mod:`hf_smooth.fused`); the trainer,
+the ``compute_loss_func`` callable and the recipes only route to it.
 """
 
+from .arguments import SmoothingArguments, SmoothSeq2SeqTrainingArguments, SmoothTrainingArguments
+from .loss_func import SmoothedLoss
 from .losses import LossComponents, label_smoothing_loss, maxsup_loss, smoothed_cross_entropy
+from .trainer import SmoothLossMixin, SmoothSeq2SeqTrainer, SmoothTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LossComponents",
+    "SmoothLossMixin",
+    "SmoothSeq2SeqTrainer",
+    "SmoothSeq2SeqTrainingArguments",
+    "SmoothTrainer",
+    "SmoothTrainingArguments",
+    "SmoothedLoss",
+    "SmoothingArguments",
     "label_smoothing_loss",
     "maxsup_loss",
     "smoothed_cross_entropy",

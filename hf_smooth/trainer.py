@@ -1,0 +1,311 @@
+"""`SmoothLossMixin` and the Trainer classes built on it: the loss comes from hf_smooth, never from the model.
+
+The mixin only routes: formulas live in `hf_smooth.losses` (and `hf_smooth.fused`), model facts in
+`hf_smooth.modeling`, evaluation statistics in `hf_smooth.metrics`.
+
+Normalization (transformers #34191, #46731, #46204): the training loss of a micro-batch is its per-token sum
+divided by the number of scored tokens in the whole accumulation window on all ranks, counted here over exactly
+the tokens the loss scores (after the causal shift, or from a collator's `shift_labels`). Because DDP averages
+gradients over ranks, the loss is multiplied by the number of processes when that count spans them
+(`average_tokens_across_devices`, as `Trainer.compute_loss` does), and `loss_is_scaled_for_ga = True` tells
+`training_step` not to divide by the accumulation steps again. The update is then the gradient of
+(sum over the global batch) / (its token count) whatever the split into micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Seq2SeqTrainer, Trainer
+
+from .arguments import SmoothingArguments
+from .losses import LossComponents, smoothed_cross_entropy
+from .modeling import align_targets, is_encoder_decoder, loss_shifts_labels, prepare_decoder_input_ids, unwrap_model
+
+__all__ = ["SmoothLossMixin", "SmoothTrainer", "SmoothSeq2SeqTrainer"]
+
+
+def _logits_of(outputs) -> torch.Tensor:
+    return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+
+
+class SmoothLossMixin:
+    """Put before a `Trainer` subclass: ``class MyTrainer(SmoothLossMixin, SFTTrainer): ...``.
+
+    Takes the smoothing configuration from ``smoothing_args=`` or, when the training arguments are a
+    [`SmoothTrainingArguments`], from them. Overrides `compute_loss` (labels popped, model called for logits, loss
+    from hf_smooth), `get_batch_samples` (exact token count), `prediction_step` / `evaluation_loop` (token-weighted
+    eval metrics) and `log` (NLL, perplexity, penalty, alpha, confidence, accuracy next to the objective).
+    """
+
+    # compute_loss divides by the token count of the whole accumulation window: no further division by the
+    # number of accumulation steps in Trainer.training_step.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, smoothing_args: SmoothingArguments | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        train_args = self.args
+        if smoothing_args is not None and isinstance(train_args, SmoothingArguments):
+            raise ValueError(
+                "Smoothing options were given twice: as smoothing_args= and inside the training arguments "
+                f"({type(train_args).__name__}). Pass one of them."
+            )
+        if smoothing_args is None:
+            smoothing_args = train_args if isinstance(train_args, SmoothingArguments) else SmoothingArguments()
+        if not isinstance(smoothing_args, SmoothingArguments):
+            raise TypeError(f"smoothing_args must be a SmoothingArguments, got {type(smoothing_args).__name__}.")
+        self.smoothing_args = smoothing_args
+        if getattr(train_args, "label_smoothing_factor", 0.0):
+            raise ValueError(
+                f"label_smoothing_factor={train_args.label_smoothing_factor} would be silently ignored: "
+                f"{type(self).__name__} computes the loss itself. Set label_smoothing_factor=0 and use "
+                f"smoothing_method='label_smoothing', smoothing_alpha={train_args.label_smoothing_factor}."
+            )
+        if self.compute_loss_func is not None:
+            raise ValueError(
+                f"compute_loss_func is set but {type(self).__name__} computes the loss itself; drop one of them "
+                "(SmoothedLoss is the compute_loss_func form for a Trainer class you cannot change)."
+            )
+        if getattr(train_args, "n_gpu", 1) > 1:
+            raise ValueError(
+                f"{train_args.n_gpu} GPUs in one process (torch.nn.DataParallel) are not supported: it splits the "
+                "batch after the token count is taken. Launch one process per GPU: accelerate launch --multi_gpu ..."
+            )
+        self._shift_cache: dict[int, bool] = {}
+        self._train_parts: torch.Tensor | None = None  # LossComponents sums since the last log
+        self._eval_accumulator = None  # set by evaluation_loop
+        self._pending_eval_stats = None  # per-sample statistics of the current eval batch
+        self._fused_state = None  # hf_smooth.fused_trainer state, created on first fused step
+
+    # ---- configuration -------------------------------------------------------------------------------------------
+
+    @property
+    def smoothing_alpha(self) -> float:
+        """Strength at the current optimizer step (follows `state.global_step`, so it survives resuming)."""
+        return self.smoothing_args.alpha_at(self.state.global_step, self.state.max_steps)
+
+    def _shift(self, model: nn.Module) -> bool:
+        if self.smoothing_args.smoothing_shift_labels is not None:
+            return bool(self.smoothing_args.smoothing_shift_labels)
+        key = id(model)
+        if key not in self._shift_cache:
+            self._shift_cache[key] = loss_shifts_labels(model)
+        return self._shift_cache[key]
+
+    def _targets(self, batch: dict, model: nn.Module, sequence_length: int | None = None) -> torch.Tensor:
+        return align_targets(
+            batch.get("labels"),
+            batch.get("shift_labels"),
+            shift=self._shift(model),
+            sequence_length=sequence_length,
+            ignore_index=self.smoothing_args.smoothing_ignore_index,
+        )
+
+    # ---- token count over the accumulation window ----------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """Fetch the micro-batches of one optimizer step and count the tokens the loss will score.
+
+        Counted here rather than by `Trainer`, whose rule (`labels[..., 1:]` only when it recognizes the loss type,
+        `-100` hard-coded) over-counts GPT-2-style models by one token per row and ignores a custom ignore_index.
+        """
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        return batch_samples, self._count_scored_tokens(batch_samples, device)
+
+    def _count_scored_tokens(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        ignore_index = self.smoothing_args.smoothing_ignore_index
+        counts = [
+            self._targets(batch, self.model).ne(ignore_index).sum().to(device)
+            for batch in batch_samples
+            if isinstance(batch, dict) and ("labels" in batch or "shift_labels" in batch)
+        ]
+        if not counts:
+            return None
+        total = torch.stack(counts).sum()
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        return total
+
+    # ---- the loss ------------------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """Pop the labels, run the model for logits, score them with hf_smooth.
+
+        In training, `num_items_in_batch` (from `get_batch_samples`) is the denominator; in evaluation the
+        micro-batch's own count is (the eval metrics are re-weighted by tokens over the whole set anyway).
+        """
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        shift_labels = inputs.pop("shift_labels", None)
+        if labels is None and shift_labels is None:
+            raise ValueError(
+                f"{type(self).__name__} needs 'labels' in every batch to compute a loss; got keys "
+                f"{sorted(inputs)}. Use a collator that sets labels (e.g. DataCollatorForLanguageModeling(mlm=False))."
+            )
+        if labels is not None and is_encoder_decoder(model):
+            if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
+                inputs["decoder_input_ids"] = prepare_decoder_input_ids(model, labels)
+
+        options = self.smoothing_args
+        knobs = options.loss_knobs(self.smoothing_alpha)
+        training = model.training
+        reduce_kwargs = dict(ignore_index=options.smoothing_ignore_index, chunk_size=options.smoothing_chunk_size)
+
+        fused = None
+        if training and options.smoothing_fused_loss:
+            from .fused_trainer import fused_forward_loss
+
+            fused = fused_forward_loss(
+                self, model, inputs, labels, shift_labels, knobs, num_items_in_batch, **reduce_kwargs
+            )
+        if fused is not None:
+            loss, parts, outputs = fused
+        else:
+            outputs = model(**inputs)
+            logits = _logits_of(outputs)
+            targets = self._targets(
+                {"labels": labels, "shift_labels": shift_labels},
+                model,
+                sequence_length=logits.shape[-2] if logits.dim() >= 3 else None,
+            ).to(logits.device)
+            if training:
+                loss, parts = smoothed_cross_entropy(
+                    logits, targets, **knobs, num_items_in_batch=num_items_in_batch, return_components=True,
+                    **reduce_kwargs,
+                )
+            else:
+                token_loss = smoothed_cross_entropy(logits, targets, **knobs, reduction="none", **reduce_kwargs)
+                count = targets.ne(options.smoothing_ignore_index).sum()
+                loss = token_loss.sum() / count.clamp(min=1)
+                self._record_eval_batch(logits, targets, token_loss)
+
+        if training:
+            self._accumulate_train_parts(parts)
+            if (
+                num_items_in_batch is not None
+                and self.args.average_tokens_across_devices
+                and self.accelerator.num_processes > 1
+            ):
+                # The count spans all ranks and DDP averages gradients over them (as Trainer.compute_loss does).
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- training metrics ----------------------------------------------------------------------------------------
+
+    def _accumulate_train_parts(self, parts: LossComponents) -> None:
+        vector = parts.to_vector().detach().double()
+        self._train_parts = vector if self._train_parts is None else self._train_parts + vector
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add token-weighted NLL, perplexity, penalty, alpha, confidence and accuracy to each training log.
+
+        Called on every rank by `Trainer` at logging steps; the sums are all-reduced here, so the logged values
+        are over all tokens of all ranks since the previous log.
+        """
+        if "loss" in logs and self._train_parts is not None:
+            totals, self._train_parts = self._train_parts, None
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            means = LossComponents.from_vector(totals).means()
+            logs.update(
+                {
+                    "nll": means["nll"],
+                    "ppl": means["ppl"],
+                    "smoothing_penalty": means["regularizer"],
+                    "smoothing_alpha": self.smoothing_args.alpha_at(
+                        max(self.state.global_step - 1, 0), self.state.max_steps
+                    ),
+                    "top1_prob": means["top1_prob"],
+                    "token_accuracy": means["accuracy"],
+                    "logit_gap": means["logit_gap"],
+                    "num_tokens_scored": means["num_tokens"],
+                }
+            )
+        super().log(logs, start_time)
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+
+    def _record_eval_batch(self, logits: torch.Tensor, targets: torch.Tensor, token_loss: torch.Tensor) -> None:
+        if self._eval_accumulator is None:
+            return
+        from .metrics import sequence_statistics
+
+        self._pending_eval_stats = sequence_statistics(
+            logits.detach(),
+            targets,
+            token_loss.detach(),
+            ignore_index=self.smoothing_args.smoothing_ignore_index,
+            layout=self._eval_accumulator.layout,
+        )
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self._pending_eval_stats = None
+        has_labels = "labels" in inputs or "shift_labels" in inputs
+        generate = bool(getattr(self.args, "predict_with_generate", False)) and not prediction_loss_only
+        if has_labels and generate:
+            # Seq2SeqTrainer's generation path scores the batch with the model's own loss; score it here with
+            # hf_smooth (teacher-forced, same as training) and keep the generated tokens from the parent.
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()
+            _, generated, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+            result = (loss, generated, labels)
+        else:
+            result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        if self._eval_accumulator is not None and has_labels:
+            stats, self._pending_eval_stats = self._pending_eval_stats, None
+            if stats is None:
+                raise RuntimeError("prediction_step did not go through compute_loss; cannot collect eval metrics.")
+            # gather_for_metrics drops the samples the distributed sampler duplicated to even out the last batch,
+            # so a 2-process evaluation sums exactly the same samples as a 1-process one.
+            self._eval_accumulator.add(self.accelerator.gather_for_metrics(stats))
+        return result
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        from .metrics import EvalAccumulator
+
+        self._eval_accumulator = EvalAccumulator(
+            num_bins=self.smoothing_args.smoothing_ece_bins,
+            diagnostics=self.smoothing_args.smoothing_eval_diagnostics,
+        )
+        try:
+            output = super().evaluation_loop(
+                dataloader,
+                description,
+                prediction_loss_only=prediction_loss_only,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=metric_key_prefix,
+            )
+            accumulator = self._eval_accumulator
+        finally:
+            self._eval_accumulator = None
+        if accumulator.num_tokens > 0:
+            results = accumulator.compute()
+            # Token-weighted over the whole set (Trainer's eval_loss is a mean of per-batch means).
+            output.metrics[f"{metric_key_prefix}_loss"] = results.pop("loss")
+            results["smoothing_alpha"] = self.smoothing_alpha
+            for name, value in results.items():
+                output.metrics[f"{metric_key_prefix}_{name}"] = value
+        return output
+
+
+class SmoothTrainer(SmoothLossMixin, Trainer):
+    """`transformers.Trainer` whose loss is label smoothing / MaxSup / CE computed exactly by hf_smooth."""
+
+
+class SmoothSeq2SeqTrainer(SmoothLossMixin, Seq2SeqTrainer):
+    """`transformers.Seq2SeqTrainer` whose loss is computed by hf_smooth; generation and BLEU work as usual."""
