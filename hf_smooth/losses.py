@@ -134,20 +134,24 @@ def _check_options(*, epsilon: float, alpha: float, convention: str, reduction: 
         raise ValueError(f"Unknown reduction {reduction!r}; use one of {REDUCTIONS}.")
 
 
-def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
+def _check_inputs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, name: str = "logits", last: str = "vocab_size"
+) -> None:
+    """Types and shapes of ``logits (..., last)`` against ``labels (...)``; the fused path passes its hidden states
+    with ``name="hidden", last="hidden_size"``."""
     if not torch.is_tensor(logits) or not torch.is_tensor(labels):
-        raise TypeError("logits and labels must be torch tensors.")
+        raise TypeError(f"{name} and labels must be torch tensors.")
     if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}.")
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}.")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}.")
     if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(labels.shape):
         raise ValueError(
-            f"Shape mismatch: logits {tuple(logits.shape)} and labels {tuple(labels.shape)}; expected logits of shape "
-            "labels.shape + (vocab_size,). For causal LMs shift first (labels[..., 1:] against logits[..., :-1, :])."
+            f"Shape mismatch: {name} {tuple(logits.shape)} and labels {tuple(labels.shape)}; expected {name} of shape "
+            f"labels.shape + ({last},). For causal LMs shift first (labels[..., 1:] against {name}[..., :-1, :])."
         )
     if logits.shape[-1] < 1:
-        raise ValueError(f"logits have an empty vocabulary dimension: shape {tuple(logits.shape)}.")
+        raise ValueError(f"{name} have an empty {last} dimension: shape {tuple(logits.shape)}.")
 
 
 def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -211,20 +215,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_forward(z: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, coefs: Coefficients):
+def chunk_forward(
+    z: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, coefs: Coefficients, *, workspace=None
+):
     """Loss parts for one chunk of rows.
 
     Args:
         z: ``(rows, K)`` logits in the compute dtype (never modified).
         target: ``(rows,)`` labels with ignored rows replaced by 0.
         valid: ``(rows,)`` bool, False where the label is ignored.
+        workspace: optional ``(rows, K)`` tensor like ``z`` for the one chunk-sized temporary (the fused path reuses
+            it across chunks instead of allocating, and page-faulting, a fresh one each time).
 
     Returns ``(stats, row_loss, row_parts)``; ``row_parts`` is ``(nll, regularizer, top1_prob, correct, gap)``.
     Values at invalid rows are garbage (possibly NaN): the caller masks them with ``torch.where``.
     """
     zmax, amax = z.max(dim=-1)
     # logsumexp with the max already at hand; -inf entries give exp(-inf) = 0.
-    lse = (z - zmax.unsqueeze(-1)).exp_().sum(dim=-1).log_().add_(zmax)
+    lse = torch.sub(z, zmax.unsqueeze(-1), out=workspace).exp_().sum(dim=-1).log_().add_(zmax)
     zsum = z.sum(dim=-1)
     k = torch.full_like(zsum, z.shape[-1])
     has_neginf = torch.isneginf(zsum)
@@ -254,26 +262,32 @@ def chunk_logit_grad(
     stats: RowStats,
     coefs: Coefficients,
     row_scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``d loss / d z`` for one chunk, times ``row_scale`` per row (0 for ignored rows), in the compute dtype.
 
     ``softmax(z) - a * onehot(y) + m * onehot(argmax) - u / K`` (module docstring), with ``u / K`` only on entries
-    that are not ``-inf``.
+    that are not ``-inf``. Written into ``out`` when given; ``out=z`` overwrites the logits (the fused path, which
+    needs them no more).
     """
-    grad = (z - stats.lse.unsqueeze(-1)).exp_()
     eps = coefs.smoothing(stats.k)
     u = eps + coefs.alpha
-    if torch.is_tensor(u) or u != 0.0:
+    spread = torch.is_tensor(u) or u != 0.0
+    neginf = torch.isneginf(z) if spread and bool(stats.has_neginf.any()) else None  # read before out overwrites z
+    grad = torch.sub(z, stats.lse.unsqueeze(-1), out=out).exp_()
+    if spread:
         grad.sub_((u / stats.k).unsqueeze(-1))
-        if bool(stats.has_neginf.any()):
-            grad.masked_fill_(torch.isneginf(z), 0.0)
+        if neginf is not None:
+            grad.masked_fill_(neginf, 0.0)
     rows = torch.arange(z.shape[0], device=z.device)
     grad.index_put_((rows, target), torch.full_like(stats.lse, -1.0) + eps, accumulate=True)
     if coefs.alpha != 0.0:
         grad.index_put_((rows, stats.argmax), torch.full_like(stats.lse, coefs.alpha), accumulate=True)
-    # where, not a product: 0 * NaN is NaN, and ignored rows may hold NaN logits.
+    # In place (the chunk is the largest temporary), then a fill, not only a product: 0 * NaN is NaN, and ignored rows
+    # may hold NaN logits.
     scale = row_scale.unsqueeze(-1)
-    return torch.where(scale != 0, grad * scale, 0.0)
+    return grad.mul_(scale).masked_fill_(scale == 0, 0.0)
 
 
 def row_chunks(num_rows: int, num_classes: int, chunk_size: int | None):
