@@ -1,0 +1,656 @@
+"""The fused path: output projection + label smoothing / MaxSup, chunk by chunk, never holding all N x V logits.
+
+For hidden states ``h (N, H)``, an output weight ``W (V, H)`` and optional bias ``b (V,)``, the logits a model feeds to
+its loss are
+
+    z = softcap(scale * (h @ W.T + b)),      softcap(s) = cap * tanh(s / cap)
+
+(``scale``: Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``; ``cap``: Gemma 2's ``final_logit_softcapping``;
+both optional). The loss of `hf_smooth.losses` needs four vocabulary reductions per token (logsumexp, ``z_y``,
+``z_max``, ``mean z``) and has a closed-form ``d loss / d z``, so the rows can be processed a chunk at a time: project
+the chunk, reduce it (`losses.chunk_forward`), turn it into its logit gradient (`losses.chunk_logit_grad`), chain
+through the soft-cap and scale, and multiply into the gradients of ``h``, ``W`` and ``b``. Only one ``(rows, V)``
+chunk exists at a time; ignored tokens are skipped before the projection (they cost nothing and their hidden states
+may hold anything).
+
+When the gradients are computed (design choice; see `_FusedLinearSmoothedLoss`):
+
+- ``reduction="mean"`` / ``"sum"`` (training): during the forward. The output gradient is one scalar times a factor
+  known at forward time (``1 / num_items_in_batch``), and gradients are linear in it, so the forward computes them at
+  ``grad_output = 1`` and the backward only multiplies. Three GEMMs per chunk (logits, ``dh``, ``dW``) instead of
+  four: the chunk's logits are never computed twice.
+- ``reduction="none"``: recomputed in the backward. ``grad_output`` differs per token and ``dW`` sums over tokens, so
+  it cannot be factored out; the forward keeps four numbers per token (`losses.RowStats`) and the backward projects
+  each chunk again. Also used for float16 inputs: fp16 training multiplies ``grad_output`` by a loss scale of up to
+  2**16 *because* unscaled gradients underflow in fp16, so they must not be formed before that factor is known.
+- No gradient work at all unless ``torch.is_grad_enabled()`` and one of ``h``, ``W``, ``b`` requires grad.
+
+Precision: the projection runs in the input dtype, then the chunk is upcast and everything after it (scale, soft-cap,
+reductions, logit gradient) is float32 (float64 for float64 inputs), like the unfused loss. bf16 GEMMs accumulate in
+fp32 internally; their bf16 logits are what the model's own ``lm_head`` produces, and the loss and gradients stay
+as close to the float32 answer as the unfused path on those logits (tests/test_fused.py tolerance table; measured:
+about 1% of the largest gradient entry, at most 0.2% of the loss). The alternative, upcasting the inputs, needs an fp32 copy of the
+whole weight (per chunk, or once at twice the bf16 weight's memory) and fp32 GEMMs: measured 1.9x slower on a CPU
+with AVX512-BF16 (N=2048, H=1024, V=32000: 3.45 s vs 1.80 s forward+backward), and tensor-core GPUs favour bf16 more.
+``dW`` and ``db`` are accumulated in float32 over the chunks (``dW`` from the float32 logit gradient and the chunk of
+``h`` upcast, a small copy) and cast to the weight dtype once at the end; ``dh`` is one GEMM per chunk in the weight
+dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .losses import (
+    Coefficients,
+    LossComponents,
+    RowStats,
+    _check_inputs,
+    _check_label_range,
+    _check_options,
+    _denominator,
+    chunk_forward,
+    chunk_logit_grad,
+    compute_dtype,
+    smoothed_cross_entropy,
+)
+
+__all__ = [
+    "default_chunk_size",
+    "fused_linear_smoothed_loss",
+    "fused_linear_smoothed_loss_for_module",
+    "output_layer_weights",
+]
+
+METHODS = ("label_smoothing", "maxsup", "none")
+
+# Chunk rule (`default_chunk_size`). Memory: besides the float32 dW it must return anyway, the loss holds one float32
+# (rows x V) chunk (plus one small block, `_Workspace`); a chunk about as large as the hidden input (rows ~ N * H / V)
+# keeps that in proportion with the activations it is given. Clamped to 2**23 .. 2**25 elements (32 .. 128 MiB of
+# float32): below, the per-chunk overhead (three GEMM calls, the dW read-modify-write) grows; above, memory is spent
+# for no speed. Speed: GEMMs with few rows run below peak, so a per-device floor in rows. Measured on a shared 2-core
+# AVX-512 CPU (MKL), H=1024, V=128256, the three fp32 GEMMs per row: ~6.3-7.0 ms with 128 or 192-row chunks, 5.8 with
+# 256, 4.7-4.9 with 384-512 (noisy machine); forward+backward at N=4096: 28.4 s with 256-row chunks, 27.5 s with 384,
+# F.cross_entropy(label_smoothing) on materialized logits 33.8 s in the same process. 256 rows keep the fused loss near
+# 0.11 of that F.cross_entropy's peak memory at this vocabulary; 384 would reach 0.12, 512 about 0.13.
+_MIN_ROWS = {"cpu": 256}
+_DEFAULT_MIN_ROWS = 128  # CUDA and others: tensor-core GEMMs reach most of their speed at 128 rows
+_CHUNK_ELEMENTS = (1 << 23, 1 << 25)
+# Elementwise blocks inside a chunk (`_Workspace`): 2**21 float32 elements (8 MiB) on CPU, so a block and its
+# temporary stay in a 32 MiB L3 cache; elsewhere the whole chunk at once (GPU kernels prefer fewer, larger launches).
+_BLOCK_ELEMENTS = {"cpu": 1 << 21}
+
+
+def _block_rows(rows: int, vocab_size: int, device: torch.device) -> int:
+    elements = _BLOCK_ELEMENTS.get(device.type)
+    return rows if elements is None else max(1, elements // max(1, vocab_size))
+
+
+def default_chunk_size(num_rows: int, hidden_size: int, vocab_size: int, device: torch.device | str = "cpu") -> int:
+    """Rows per chunk when ``chunk_size=None``.
+
+    ``rows = clamp(N * H, 2**23, 2**25) / V``: a float32 logit chunk as large as the hidden input, but between 32 and
+    128 MiB; then at least 256 rows on CPU (128 elsewhere) so the GEMMs run near full speed, and at most ``N``.
+
+    With ``N = 4096, H = 1024`` (hidden input of 2**22 elements): ``V = 32000`` gives 262 rows (32 MiB chunks),
+    ``V = 128256`` gives the floor, 256 rows on CPU (125 MiB) and 128 on GPU; ``V = 256`` gives all 4096 rows.
+    """
+    device_type = torch.device(device).type
+    floor = _MIN_ROWS.get(device_type, _DEFAULT_MIN_ROWS)
+    low, high = _CHUNK_ELEMENTS
+    elements = min(max(num_rows * hidden_size, low), high)
+    rows = max(elements // max(1, vocab_size), floor)
+    return max(1, min(rows, num_rows))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Between the hidden state and the loss
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Head:
+    """``z = softcap(scale * (h @ W.T + b))`` on one chunk, and its derivative."""
+
+    scale: float = 1.0
+    cap: float | None = None
+
+    def transform_(self, z: torch.Tensor) -> torch.Tensor:
+        if self.cap is not None:
+            z.mul_(self.scale / self.cap).tanh_().mul_(self.cap)
+        elif self.scale != 1.0:
+            z.mul_(self.scale)
+        return z
+
+    def chain_into_(self, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``d loss / d (h @ W.T + b)`` from ``grad = d loss / d z``, written into ``z``. The ``scale`` factor is
+        folded into the row scale given to `chunk_logit_grad` (it is constant per row); the soft-cap's derivative is
+        ``1 - tanh^2`` with ``tanh = z / cap``. Without a soft-cap ``grad`` already is ``z`` (computed in place)."""
+        if self.cap is None:
+            return grad
+        return z.div_(self.cap).square_().neg_().add_(1.0).mul_(grad)
+
+
+class _Workspace:
+    """The buffers of one call, allocated once and reused by every chunk.
+
+    ``z`` (chunk rows x V, compute dtype) holds the logits, then in place their gradient, which feeds the ``dh`` and
+    ``dW`` GEMMs. The elementwise work (`chunk_forward`, `chunk_logit_grad`, the soft-cap's chain rule) runs over
+    blocks of ``block_rows`` rows of it, with ``work`` (block rows x V) as the one temporary. So the chunk can be large
+    (efficient GEMMs) while the temporaries stay small, and on CPU each block (8 MiB) stays in the cache across the
+    ~8 elementwise passes made over it. ``low`` (bf16/fp16 inputs only, chunk rows x V) receives the GEMM output and
+    later the gradient cast for the ``dh`` GEMM. Peak: one float32 chunk plus one block (plus half a chunk for
+    bf16/fp16). Reusing the buffers matters on CPU: a fresh 100 MiB tensor per chunk is a fresh ``mmap``, and faulting
+    its pages in made the whole step about 12% slower (V=128256).
+    """
+
+    def __init__(self, rows: int, block_rows: int, vocab_size: int, cdtype, dtype, device):
+        self.block_rows = max(1, min(block_rows, rows))
+        self.z = torch.empty(rows, vocab_size, dtype=cdtype, device=device)
+        self.work = torch.empty(self.block_rows, vocab_size, dtype=cdtype, device=device)
+        self.low = None if dtype == cdtype else torch.empty(rows, vocab_size, dtype=dtype, device=device)
+
+    def logits(self, x, weight, bias, head: _Head) -> torch.Tensor:
+        """``softcap(scale * (x @ W.T + b))`` in the compute dtype, in ``self.z``: one GEMM in the input dtype."""
+        rows = x.shape[0]
+        z = self.z[:rows]
+        out = z if self.low is None else self.low[:rows]
+        if bias is None:
+            torch.mm(x, weight.t(), out=out)
+        else:
+            torch.addmm(bias, x, weight.t(), out=out)
+        if self.low is not None:
+            z.copy_(out)
+        return head.transform_(z)
+
+    def blocks(self, rows: int):
+        """Row slices of the current chunk, ``block_rows`` at a time."""
+        return _chunks(rows, self.block_rows)
+
+    def forward(self, z, target, coefs):
+        """`chunk_forward` on one block of logits, with ``work`` as its temporary."""
+        n = z.shape[0]
+        return chunk_forward(z, target, z.new_ones(n, dtype=torch.bool), coefs, workspace=self.work[:n])
+
+    def logit_grad_(self, z, target, stats, coefs, head: _Head, row_scale) -> None:
+        """Overwrite one block of logits with ``d loss / d (x @ W.T + b)``."""
+        out = z if head.cap is None else self.work[: z.shape[0]]
+        head.chain_into_(z, chunk_logit_grad(z, target, stats, coefs, row_scale, out=out))
+
+    def accumulate(self, grad, x, positions, weight, grads, needs) -> None:
+        """Add one chunk's gradient to ``grads = [dh, dW, db]`` (``dh`` rows written, the others summed)."""
+        grad_hidden, grad_weight, grad_bias = grads
+        if needs[0]:
+            low = grad if self.low is None else self.low[: grad.shape[0]].copy_(grad)
+            # (W.T @ g.T).T rather than g @ W: the same product, measured ~10-25% faster with MKL for these shapes
+            # (few rows, long vocabulary reduction). Rows are distinct tokens: written, not summed.
+            grad_hidden.index_copy_(0, positions, torch.mm(weight.t(), low.t()).t())
+        if needs[1]:
+            grad_weight.addmm_(grad.t(), x.to(grad.dtype))  # float32 accumulation (x upcast: a small copy)
+        if needs[2]:
+            grad_bias.add_(grad.sum(dim=0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Autograd function
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    coefs: Coefficients
+    head: _Head
+    ignore_index: int
+    reduction: str
+    num_items_in_batch: object
+    rows: int  # chunk size in rows
+    block_rows: int  # rows per elementwise block inside a chunk
+    needs: tuple[bool, bool, bool]  # grads wanted for (hidden, weight, bias)
+    grad_in_forward: bool
+
+
+def _chunks(num: int, rows: int):
+    for start in range(0, num, rows):
+        yield slice(start, min(start + rows, num))
+
+
+def _zero_grads(hidden, weight, cdtype, needs):
+    """``[dh, dW, db]`` accumulators: ``dh`` in the input dtype (each row written once), ``dW`` and ``db`` float32."""
+    return [
+        torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None,
+        torch.zeros(weight.shape, dtype=cdtype, device=weight.device) if needs[1] else None,
+        torch.zeros(weight.shape[0], dtype=cdtype, device=weight.device) if needs[2] else None,
+    ]
+
+
+class _FusedLinearSmoothedLoss(torch.autograd.Function):
+    """Loss of ``z = softcap(scale * (hidden @ weight.T + bias))`` against ``labels``, chunk by chunk.
+
+    Gradients in the forward for ``mean``/``sum`` (three GEMMs per chunk, the backward only scales them by
+    ``grad_output``), recomputed in the backward for ``none`` and float16 (four GEMMs per chunk); module docstring.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, plan: _Plan):
+        num_rows = hidden.shape[0]
+        cdtype = compute_dtype(hidden.dtype)
+        device = hidden.device
+        coefs, head = plan.coefs, plan.head
+
+        valid = labels != plan.ignore_index
+        positions = valid.nonzero().squeeze(-1)  # scored rows only: ignored ones are never projected
+        target = labels.index_select(0, positions)
+        num_scored = positions.numel()
+        num_valid = valid.sum()
+        denominator = _denominator(plan.num_items_in_batch, num_valid) if plan.reduction == "mean" else None
+
+        row_loss = torch.zeros(num_scored, dtype=cdtype, device=device)
+        parts = torch.zeros(5, num_scored, dtype=cdtype, device=device)
+        keep_stats = any(plan.needs) and not plan.grad_in_forward
+        if keep_stats:
+            lse = torch.zeros(num_scored, dtype=cdtype, device=device)
+            argmax = torch.zeros(num_scored, dtype=torch.long, device=device)
+            k = torch.ones(num_scored, dtype=cdtype, device=device)
+            has_neginf = torch.zeros(num_scored, dtype=torch.bool, device=device)
+        grads = [None, None, None]
+        if plan.grad_in_forward:
+            grads = _zero_grads(hidden, weight, cdtype, plan.needs)
+            # grad_output = 1 here; d loss / d row is 1 / denominator (mean) or 1 (sum), times the logit scale.
+            factor = head.scale / float(denominator) if denominator is not None else head.scale
+        ws = _Workspace(min(plan.rows, num_scored), plan.block_rows, weight.shape[0], cdtype, hidden.dtype, device)
+        for rows in _chunks(num_scored, plan.rows):
+            x = hidden.index_select(0, positions[rows])
+            z = ws.logits(x, weight, bias, head)
+            for block in ws.blocks(z.shape[0]):
+                zb = z[block]
+                at = slice(rows.start + block.start, rows.start + block.stop)  # the block's scored rows
+                stats, loss_rows, part_rows = ws.forward(zb, target[at], coefs)
+                row_loss[at] = loss_rows
+                parts[:, at] = torch.stack(part_rows)
+                if keep_stats:
+                    lse[at], argmax[at], k[at], has_neginf[at] = stats.lse, stats.argmax, stats.k, stats.has_neginf
+                if plan.grad_in_forward:
+                    ws.logit_grad_(zb, target[at], stats, coefs, head, torch.full_like(stats.lse, factor))
+            if plan.grad_in_forward:
+                ws.accumulate(z, x, positions[rows], weight, grads, plan.needs)
+        del ws
+
+        sums = torch.cat([num_valid.to(cdtype).reshape(1), row_loss.sum().reshape(1), parts.sum(dim=1)])
+        if plan.reduction == "none":
+            out = torch.zeros(num_rows, dtype=cdtype, device=device).index_copy_(0, positions, row_loss)
+        elif plan.reduction == "sum":
+            out = row_loss.sum()
+        else:
+            out = (row_loss.sum() / denominator).to(cdtype)
+
+        ctx.plan, ctx.denominator = plan, denominator
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if plan.grad_in_forward:
+            ctx.save_for_backward(*grads)
+        elif keep_stats:
+            ctx.save_for_backward(hidden, weight, bias, positions, target, lse, argmax, k, has_neginf)
+        ctx.mark_non_differentiable(sums)
+        return out, sums
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_sums):
+        if ctx.plan.grad_in_forward:
+            # Saved with save_for_backward, so autograd drops our reference right after this call (unless the graph
+            # is retained) and AccumulateGrad adopts the float32 dW as weight.grad without a copy. Never modified in
+            # place: a retained graph hands them out again.
+            grads, scale = ctx.saved_tensors, None if bool(grad_out == 1) else grad_out
+        else:
+            grads, scale = _recompute_grads(ctx, grad_out), None
+        out = []
+        for grad, dtype in zip(grads, ctx.dtypes):
+            if grad is not None and grad.dtype != dtype:
+                grad = grad.to(dtype)  # a new tensor: scaled in place below
+                grad = grad if scale is None else grad.mul_(scale)
+            elif grad is not None and scale is not None:
+                grad = grad * scale
+            out.append(grad)
+        return (*out, None, None)
+
+
+def _recompute_grads(ctx, grad_out):
+    """The backward of ``reduction="none"`` and float16: project each chunk again, with the real ``grad_output``."""
+    hidden, weight, bias, positions, target, lse, argmax, k, has_neginf = ctx.saved_tensors
+    plan = ctx.plan
+    cdtype = lse.dtype
+    grad_out = grad_out.to(cdtype)
+    if plan.reduction == "none":
+        scale = grad_out.index_select(0, positions)
+    elif plan.reduction == "sum":
+        scale = grad_out.expand(positions.shape[0])
+    else:
+        scale = (grad_out / ctx.denominator.to(cdtype)).expand(positions.shape[0])
+    scale = scale * plan.head.scale
+
+    grads = _zero_grads(hidden, weight, cdtype, plan.needs)
+    num_scored = positions.shape[0]
+    ws = _Workspace(min(plan.rows, num_scored), plan.block_rows, weight.shape[0], cdtype, hidden.dtype, hidden.device)
+    for rows in _chunks(num_scored, plan.rows):
+        x = hidden.index_select(0, positions[rows])
+        z = ws.logits(x, weight, bias, plan.head)
+        for block in ws.blocks(z.shape[0]):
+            at = slice(rows.start + block.start, rows.start + block.stop)
+            stats = RowStats(lse[at], argmax[at], k[at], has_neginf[at])
+            ws.logit_grad_(z[block], target[at], stats, plan.coefs, plan.head, scale[at])
+        ws.accumulate(z, x, positions[rows], weight, grads, plan.needs)
+    return grads
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_knobs(method, epsilon, alpha) -> tuple[float, float]:
+    """``(epsilon, alpha)`` from ``method`` and the knobs; ``method=None`` takes the knobs as given (both allowed)."""
+    if method is None:
+        return (0.0 if epsilon is None else epsilon), (0.0 if alpha is None else alpha)
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; use one of {METHODS} (or None to pass epsilon/alpha directly).")
+    if method == "label_smoothing":
+        if alpha not in (None, 0, 0.0):
+            raise ValueError(f"method='label_smoothing' takes epsilon, not alpha={alpha}; use method=None for both.")
+        return (0.1 if epsilon is None else epsilon), 0.0
+    if method == "maxsup":
+        if epsilon not in (None, 0, 0.0):
+            raise ValueError(f"method='maxsup' takes alpha, not epsilon={epsilon}; use method=None for both.")
+        return 0.0, (0.1 if alpha is None else alpha)
+    if epsilon not in (None, 0, 0.0) or alpha not in (None, 0, 0.0):
+        raise ValueError(f"method='none' is plain cross-entropy; got epsilon={epsilon}, alpha={alpha}.")
+    return 0.0, 0.0
+
+
+def _resolve_head(logit_scale, final_logit_softcapping) -> _Head:
+    scale = 1.0 if logit_scale is None else float(logit_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"logit_scale must be a finite number, got {logit_scale}.")
+    cap = None
+    if final_logit_softcapping is not None:
+        cap = float(final_logit_softcapping)
+        if not (math.isfinite(cap) and cap > 0):
+            raise ValueError(
+                f"final_logit_softcapping must be a positive number or None, got {final_logit_softcapping}."
+            )
+    return _Head(scale=scale, cap=cap)
+
+
+def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if not torch.is_tensor(weight) or weight.dim() != 2:
+        shape = tuple(weight.shape) if torch.is_tensor(weight) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D (vocab_size, hidden_size) tensor, got {shape}.")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"Shape mismatch: weight {tuple(weight.shape)} is (vocab_size, hidden_size) for hidden_size "
+            f"{weight.shape[1]}, but hidden {tuple(hidden.shape)} has hidden_size {hidden.shape[-1]}. Pass the output "
+            "layer's weight as stored by nn.Linear (out_features x in_features)."
+        )
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight has an empty vocabulary dimension: shape {tuple(weight.shape)}.")
+    if bias is not None and (not torch.is_tensor(bias) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(
+            f"bias must have shape (vocab_size,) = ({weight.shape[0]},), got {tuple(getattr(bias, 'shape', ()))}."
+        )
+    dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias ({None if bias is None else bias.dtype}) must "
+            "share one dtype, as for nn.functional.linear (under torch.autocast they are cast for you)."
+        )
+
+
+def fused_linear_smoothed_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    method: str | None = None,
+    epsilon: float | None = None,
+    alpha: float | None = None,
+    convention: str = "uniform",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    logit_scale: float | None = None,
+    final_logit_softcapping: float | None = None,
+    return_components: bool = False,
+):
+    """`smoothed_cross_entropy` of ``softcap(logit_scale * (hidden @ weight.T + bias))``, without the logits.
+
+    Same values, gradients (for `hidden`, `weight` and `bias`), reductions, errors and [`LossComponents`] as
+    ``smoothed_cross_entropy(logits, labels, ...)`` on the materialized logits, but only one chunk of rows is projected
+    to the vocabulary at a time, in the forward and in the backward. Ignored tokens are not projected at all.
+
+    Args:
+        hidden (`torch.Tensor` of shape `(..., H)`):
+            Final hidden states, aligned with `labels` (shift causal LMs first: `hidden[..., :-1, :]` against
+            `labels[..., 1:]`).
+        weight (`torch.Tensor` of shape `(V, H)`):
+            Output layer weight, as stored by `nn.Linear` (`lm_head.weight`), same dtype as `hidden`.
+        labels (`torch.Tensor` of shape `(...)`):
+            Class indices in `[0, V)`, or `ignore_index`.
+        bias (`torch.Tensor` of shape `(V,)`, *optional*):
+            Output layer bias.
+        method (`str`, *optional*):
+            `"label_smoothing"` (`epsilon` defaults to 0.1), `"maxsup"` (`alpha` defaults to 0.1) or `"none"` (plain
+            cross-entropy). `None` (default) takes `epsilon` and `alpha` as given, both defaulting to 0, as
+            `smoothed_cross_entropy` does (both may be set together).
+        epsilon (`float`, *optional*):
+            Label-smoothing mass in [0, 1]; its meaning depends on `convention`.
+        alpha (`float`, *optional*):
+            MaxSup weight, >= 0.
+        convention (`str`, *optional*, defaults to `"uniform"`):
+            `"uniform"` (PyTorch, transformers: `eps / V` on every class) or `"fairseq"` (`eps / (V - 1)` on the
+            others).
+        ignore_index (`int`, *optional*, defaults to -100):
+            Label value of positions that contribute nothing (zero loss, zero gradient, never projected).
+        reduction (`str`, *optional*, defaults to `"mean"`):
+            `"mean"` (sum divided by `num_items_in_batch` when given, else by the scored-token count), `"sum"` or
+            `"none"` (per token, shape of `labels`, 0 at ignored positions).
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*):
+            Global token count a `"mean"` divides by (the Trainer's count over accumulation steps and ranks).
+        chunk_size (`int`, *optional*):
+            Scored rows projected at once. Default: [`default_chunk_size`] (a float32 logit chunk about the size of
+            `hidden`, clamped to 32-128 MiB, and at least 256 rows on CPU / 128 on GPU for GEMM efficiency).
+        logit_scale (`float`, *optional*):
+            Multiplies the logits before the soft-cap (Cohere's `logit_scale`; Granite's `1 / logits_scaling`).
+        final_logit_softcapping (`float`, *optional*):
+            `cap * tanh(logits / cap)` after the scale (Gemma 2's `final_logit_softcapping`).
+        return_components (`bool`, *optional*, defaults to `False`):
+            Also return a [`LossComponents`] of detached sums for logging (NLL, regularizer, accuracy, ...).
+
+    Returns:
+        `torch.Tensor` (float32, or float64 for float64 inputs), or `(loss, LossComponents)`.
+    """
+    epsilon, alpha = _resolve_knobs(method, epsilon, alpha)
+    _check_options(epsilon=epsilon, alpha=alpha, convention=convention, reduction=reduction)
+    _check_inputs(hidden, labels, ignore_index, name="hidden", last="hidden_size")
+    _check_linear(hidden, weight, bias)
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
+    vocab_size, hidden_size = weight.shape
+    if convention == "fairseq" and epsilon > 0 and vocab_size < 2:
+        raise ValueError("The fairseq convention spreads eps over K - 1 classes and needs K >= 2.")
+    head = _resolve_head(logit_scale, final_logit_softcapping)
+    flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
+    _check_label_range(flat_labels, vocab_size, ignore_index)
+
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What nn.Linear does under autocast: the projection runs in the autocast dtype (differentiable casts).
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+
+    flat_hidden = hidden.reshape(-1, hidden_size)
+    num_rows = flat_hidden.shape[0]
+    grad_enabled = torch.is_grad_enabled()
+    needs = tuple(bool(grad_enabled and t is not None and t.requires_grad) for t in (hidden, weight, bias))
+    rows = int(chunk_size) if chunk_size else default_chunk_size(num_rows, hidden_size, vocab_size, hidden.device)
+    plan = _Plan(
+        coefs=Coefficients(epsilon=float(epsilon), alpha=float(alpha), fairseq=convention == "fairseq"),
+        head=head,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        rows=rows,
+        block_rows=_block_rows(rows, vocab_size, hidden.device),
+        needs=needs,
+        grad_in_forward=any(needs) and reduction != "none" and hidden.dtype != torch.float16,
+    )
+    with torch.autocast(device_type, enabled=False):
+        out, sums = _FusedLinearSmoothedLoss.apply(flat_hidden, weight, bias, flat_labels, plan)
+    if reduction == "none":
+        out = out.reshape(labels.shape)
+    if return_components:
+        return out, LossComponents.from_vector(sums.detach().float())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# From an output module (nn.Linear, peft LoRA Linear)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _plain_linear_reason(module: nn.Module, what: str) -> str | None:
+    """Why ``module(x)`` may not be ``F.linear(x, module.weight, module.bias)``, or None when it is."""
+    if not isinstance(module, nn.Linear):
+        return f"{what} is a {type(module).__name__}, not an nn.Linear"
+    if type(module).forward is not nn.Linear.forward or "forward" in vars(module):
+        # Quantized layers (bitsandbytes Linear4bit, ...) subclass nn.Linear with their own forward; accelerate's
+        # offloading hooks replace forward on the instance.
+        return f"{what} ({type(module).__name__}) overrides nn.Linear.forward"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{what} has forward hooks that the fused loss would bypass"
+    return None
+
+
+def _lora_linear_class():
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError:  # peft is optional here: without it no module can be a LoRA layer
+        return None
+    return Linear
+
+
+def _fold_lora(module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    """``(W + sum_a scaling_a * B_a @ A_a, b + sum_a scaling_a * b_B_a)`` for the active adapters of a peft
+    ``lora.Linear``, differentiable w.r.t. the adapters, or the reason it would not equal ``module(x)``."""
+    base = module.base_layer
+    reason = _plain_linear_reason(base, "its base layer")
+    if reason is not None:
+        return reason
+    if getattr(module, "fan_in_fan_out", False):
+        return "the LoRA layer is fan_in_fan_out (Conv1D-style weights)"
+    if module.disable_adapters:
+        if module.merged:
+            return "adapters are disabled but merged (peft unmerges them inside forward)"
+        return base.weight, base.bias
+    if module.merged:  # the active adapters are already in base.weight
+        return base.weight, base.bias
+    weight, bias = base.weight, base.bias
+    variants = getattr(module, "lora_variant", {})
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in variants or getattr(module, "use_dora", {}).get(name, False):
+            return f"adapter {name!r} is a LoRA variant (DoRA or similar), which is not a weight delta"
+        dropout = module.lora_dropout[name]
+        if not isinstance(dropout, nn.Identity):
+            if not isinstance(dropout, nn.Dropout):
+                return f"adapter {name!r} has an unknown lora_dropout {type(dropout).__name__}"
+            if dropout.training and dropout.p > 0:
+                return (
+                    f"adapter {name!r} has lora_dropout p={dropout.p} in training mode: the adapter sees a dropped-out "
+                    "input that no single weight reproduces (use lora_dropout=0 or eval mode)"
+                )
+        lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+        for part, label in ((lora_a, "lora_A"), (lora_b, "lora_B")):
+            reason = _plain_linear_reason(part, f"{label}[{name!r}]")
+            if reason is not None:
+                return reason
+        if lora_a.bias is not None:
+            return f"lora_A[{name!r}] has a bias"
+        scaling = module.scaling[name]
+        delta = (lora_b.weight @ lora_a.weight) * scaling
+        # peft adds the adapter output (in the adapter dtype) to the base output, then casts to the base dtype.
+        if delta.dtype == weight.dtype:
+            weight = weight + delta
+        else:
+            weight = (weight.to(delta.dtype) + delta).to(weight.dtype)
+        if lora_b.bias is not None:
+            extra = (lora_b.bias * scaling).to(weight.dtype)
+            bias = extra if bias is None else bias + extra
+    return weight, bias
+
+
+def output_layer_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    """``(weight, bias)`` such that ``module(x) == F.linear(x, weight, bias)`` (differentiable w.r.t. the module's
+    trainable parameters), or a string saying why no such pair is known for this module."""
+    lora_linear = _lora_linear_class()
+    if lora_linear is not None and isinstance(module, lora_linear):
+        return _fold_lora(module)
+    reason = _plain_linear_reason(module, "the output layer")
+    if reason is not None:
+        return reason
+    return module.weight, module.bias
+
+
+def fused_linear_smoothed_loss_for_module(
+    hidden: torch.Tensor,
+    module: nn.Module,
+    labels: torch.Tensor,
+    *,
+    logit_scale: float | None = None,
+    final_logit_softcapping: float | None = None,
+    **kwargs,
+):
+    """[`fused_linear_smoothed_loss`] for an output module (`model.get_output_embeddings()`).
+
+    - `nn.Linear`: its `weight` and `bias`.
+    - peft `lora.Linear`: the adapters folded into an effective weight `W + scaling * B @ A` (plus `scaling * b_B`
+      with `lora_bias`), so the adapter trains (Liger's fused path reads `lm_head.weight` only and leaves a LoRA
+      `lm_head` untrained, TRL#4612). Valid only while `module(x)` equals that linear map: lora_dropout inactive
+      (p = 0 or eval mode), no DoRA or other variant, plain `nn.Linear` base layer.
+    - Anything else, or a LoRA layer outside those conditions: `warnings.warn` with the reason, then the unfused path
+      `module(hidden)` (+ scale / soft-cap) and [`smoothed_cross_entropy`], which materializes the logits.
+
+    Keyword arguments are those of [`fused_linear_smoothed_loss`] (except `bias`, taken from the module).
+    """
+    if "bias" in kwargs:
+        raise TypeError("fused_linear_smoothed_loss_for_module takes the bias from the module; do not pass bias=.")
+    weights = output_layer_weights(module)
+    if isinstance(weights, str):
+        warnings.warn(
+            f"hf_smooth fused loss: {weights}; falling back to module(hidden) and smoothed_cross_entropy "
+            "(the full logits are materialized).",
+            stacklevel=2,
+        )
+        return _unfused_for_module(hidden, module, labels, logit_scale, final_logit_softcapping, **kwargs)
+    weight, bias = weights
+    return fused_linear_smoothed_loss(
+        hidden, weight, labels, bias=bias, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
+        **kwargs,
+    )
+
+
+def _unfused_for_module(hidden, module, labels, logit_scale, final_logit_softcapping, *, method=None, epsilon=None,
+                        alpha=None, **kwargs):
+    epsilon, alpha = _resolve_knobs(method, epsilon, alpha)
+    head = _resolve_head(logit_scale, final_logit_softcapping)
+    logits = module(hidden)
+    if head.scale != 1.0:
+        logits = logits * head.scale
+    if head.cap is not None:
+        logits = head.cap * torch.tanh(logits / head.cap)
+    return smoothed_cross_entropy(logits, labels, epsilon=epsilon, alpha=alpha, **kwargs)
