@@ -1,0 +1,197 @@
+"""Comparison reports: collect the runs of a CE / LS / MaxSup sweep and summarize them across seeds.
+
+Every number in a report comes from a run's ``metrics.json`` (written by the recipes); nothing is typed by hand.
+Used by ``recipes/compare.py`` and ``notebooks/02_ls_vs_maxsup.ipynb``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Run", "MethodSpec", "load_runs", "summarize", "to_markdown", "to_csv", "plot_training_curves"]
+
+# (metric key in metrics.json, column title, lower is better?)
+DEFAULT_METRICS = [
+    ("eval_nll", "eval NLL", True),
+    ("eval_ppl", "eval ppl", True),
+    ("eval_accuracy", "token acc.", False),
+    ("eval_ece", "ECE", True),
+    ("eval_ece_adaptive", "ECE (adaptive)", True),
+    ("eval_brier", "Brier", True),
+    ("eval_entropy", "entropy", None),
+    ("eval_logit_gap", "logit gap", None),
+    ("eval_bleu", "BLEU", False),
+    ("eval_chrf", "chrF", False),
+]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One arm of a comparison, written ``ce``, ``ls:0.1`` or ``maxsup:0.1-0.2`` (a linear ramp)."""
+
+    name: str
+    method: str
+    alpha: float
+    alpha_end: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> MethodSpec:
+        kind, _, value = text.partition(":")
+        kind = kind.strip().lower()
+        methods = {"ce": "none", "none": "none", "ls": "label_smoothing", "label_smoothing": "label_smoothing",
+                   "maxsup": "maxsup"}
+        if kind not in methods:
+            raise ValueError(f"Unknown method {text!r}: use ce, ls:EPS or maxsup:ALPHA[-ALPHA_END].")
+        if methods[kind] == "none":
+            if value:
+                raise ValueError(f"{text!r}: plain cross-entropy takes no strength.")
+            return cls(name="CE", method="none", alpha=0.0)
+        if not value:
+            raise ValueError(f"{text!r}: give the strength, e.g. {kind}:0.1")
+        start, _, end = value.partition("-")
+        alpha, alpha_end = float(start), float(end) if end else None
+        label = "LS" if methods[kind] == "label_smoothing" else "MaxSup"
+        name = f"{label} {alpha:g}" + (f"->{alpha_end:g}" if alpha_end is not None else "")
+        return cls(name=name, method=methods[kind], alpha=alpha, alpha_end=alpha_end)
+
+    @property
+    def slug(self) -> str:
+        return self.name.lower().replace(" ", "").replace("->", "-").replace(".", "p")
+
+    def recipe_flags(self) -> list[str]:
+        flags = ["--smoothing_method", self.method]
+        if self.method != "none":
+            flags += ["--smoothing_alpha", str(self.alpha)]
+        if self.alpha_end is not None:
+            flags += ["--smoothing_schedule", "linear", "--smoothing_alpha_end", str(self.alpha_end)]
+        else:
+            flags += ["--smoothing_schedule", "constant"]
+        return flags
+
+
+@dataclass
+class Run:
+    method: str
+    seed: int
+    path: Path
+    metrics: dict = field(default_factory=dict)
+
+    def diagnostics(self) -> dict | None:
+        path = self.path / "diagnostics.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def log_history(self) -> list[dict]:
+        path = self.path / "log_history.json"
+        return json.loads(path.read_text()) if path.is_file() else []
+
+
+def load_runs(root: str | Path) -> list[Run]:
+    """Every ``<root>/<method-slug>/seed<k>/metrics.json``, with the method name recorded in ``run.json``."""
+    runs = []
+    for metrics_path in sorted(Path(root).glob("*/seed*/metrics.json")):
+        run_dir = metrics_path.parent
+        info_path = run_dir / "run.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        runs.append(
+            Run(
+                method=info.get("method", run_dir.parent.name),
+                seed=int(info.get("seed", run_dir.name.removeprefix("seed"))),
+                path=run_dir,
+                metrics=json.loads(metrics_path.read_text()),
+            )
+        )
+    return runs
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)  # sample standard deviation
+    return mean, math.sqrt(var)
+
+
+def summarize(runs: list[Run], metrics=DEFAULT_METRICS, order: list[str] | None = None) -> dict:
+    """``{"methods": [...], "columns": [(key, title)], "cells": {method: {key: (mean, sd, n)}}}``.
+
+    Metrics absent from every run are dropped (BLEU for language modeling); the sd is the sample standard
+    deviation over seeds (None with one seed).
+    """
+    methods = order or list(dict.fromkeys(run.method for run in runs))
+    columns = [(key, title) for key, title, _ in metrics if any(key in run.metrics for run in runs)]
+    cells = {}
+    for method in methods:
+        mine = [run for run in runs if run.method == method]
+        cells[method] = {}
+        for key, _ in columns:
+            values = [float(run.metrics[key]) for run in mine if run.metrics.get(key) is not None]
+            if values:
+                mean, sd = _mean_sd(values)
+                cells[method][key] = (mean, sd, len(values))
+    return {"methods": methods, "columns": columns, "cells": cells}
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    mean, sd, n = value
+    return f"{mean:.4f}" if sd is None else f"{mean:.4f} ± {sd:.4f}"
+
+
+def to_markdown(summary: dict) -> str:
+    header = ["method", "runs"] + [title for _, title in summary["columns"]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in summary["methods"]:
+        cells = summary["cells"][method]
+        count = max((v[2] for v in cells.values()), default=0)
+        row = [method, str(count)] + [_cell(cells.get(key)) for key, _ in summary["columns"]]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(summary: dict) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["method"] + [f"{key}_{part}" for key, _ in summary["columns"] for part in ("mean", "sd", "n")])
+    for method in summary["methods"]:
+        row = [method]
+        for key, _ in summary["columns"]:
+            mean, sd, n = summary["cells"][method].get(key, (None, None, 0))
+            row += ["" if mean is None else repr(mean), "" if sd is None else repr(sd), n]
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def plot_training_curves(runs: list[Run], path: str | Path, keys=("loss", "nll")) -> Path:
+    """Training objective and NLL per optimizer step, mean over seeds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    methods = list(dict.fromkeys(run.method for run in runs))
+    for ax, key in zip(axes[0], keys):
+        for method in methods:
+            curves: dict[int, list[float]] = {}
+            for run in (r for r in runs if r.method == method):
+                for log in run.log_history():
+                    if key in log and "step" in log and not any(k.startswith("eval_") for k in log):
+                        curves.setdefault(int(log["step"]), []).append(float(log[key]))
+            if curves:
+                steps = sorted(curves)
+                ax.plot(steps, [sum(curves[s]) / len(curves[s]) for s in steps], marker=".", label=method)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"train {key}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
