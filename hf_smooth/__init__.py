@@ -1,12 +1,16 @@
 """hf_smooth: exact token-level label smoothing and MaxSup for Hugging Face training pipelines.
 
 The maths lives in :mod:`hf_smooth.losses` (and the fused linear path in :mod:`hf_smooth.fused`); the trainer,
-the ``compute_loss_func`` callable and the recipes only route to it.
+the ``compute_loss_func`` callable and the recipes only route to it. Plots (:mod:`hf_smooth.plots`, matplotlib) and
+the comparison report (:mod:`hf_smooth.report`) are imported on demand, not here.
 """
 
 from .arguments import SmoothingArguments, SmoothSeq2SeqTrainingArguments, SmoothTrainingArguments
+from .calibration import TemperatureResult, fit_temperature, fit_temperature_from_batches
+from .fused import fused_linear_smoothed_loss
 from .loss_func import SmoothedLoss
 from .losses import LossComponents, label_smoothing_loss, maxsup_loss, smoothed_cross_entropy
+from .metrics import TokenMetrics
 from .trainer import SmoothLossMixin, SmoothSeq2SeqTrainer, SmoothTrainer
 
 __version__ = "0.1.0"
@@ -20,6 +24,11 @@ __all__ = [
     "SmoothTrainingArguments",
     "SmoothedLoss",
     "SmoothingArguments",
+    "TemperatureResult",
+    "TokenMetrics",
+    "fit_temperature",
+    "fit_temperature_from_batches",
+    "fused_linear_smoothed_loss",
     "label_smoothing_loss",
     "maxsup_loss",
     "smoothed_cross_entropy",
