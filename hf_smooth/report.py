@@ -13,7 +13,16 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Run", "MethodSpec", "load_runs", "summarize", "to_markdown", "to_csv", "plot_training_curves"]
+__all__ = [
+    "Run",
+    "MethodSpec",
+    "load_runs",
+    "pool_diagnostics",
+    "summarize",
+    "to_markdown",
+    "to_csv",
+    "plot_training_curves",
+]
 
 # (metric key in metrics.json, column title, lower is better?)
 DEFAULT_METRICS = [
@@ -54,7 +63,13 @@ class MethodSpec:
         if not value:
             raise ValueError(f"{text!r}: give the strength, e.g. {kind}:0.1")
         start, _, end = value.partition("-")
-        alpha, alpha_end = float(start), float(end) if end else None
+        try:
+            alpha, alpha_end = float(start), float(end) if end else None
+        except ValueError:
+            raise ValueError(
+                f"{text!r}: the strength must be a plain decimal number, or START-END for a linear ramp "
+                f"(e.g. {kind}:0.1 or {kind}:0.1-0.2; no exponent notation)."
+            ) from None
         label = "LS" if methods[kind] == "label_smoothing" else "MaxSup"
         name = f"{label} {alpha:g}" + (f"->{alpha_end:g}" if alpha_end is not None else "")
         return cls(name=name, method=methods[kind], alpha=alpha, alpha_end=alpha_end)
@@ -143,14 +158,19 @@ def _cell(value) -> str:
     return f"{mean:.4f}" if sd is None else f"{mean:.4f} ± {sd:.4f}"
 
 
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")  # a literal pipe would split the Markdown cell
+
+
 def to_markdown(summary: dict) -> str:
+    """A Markdown table: one row per method, ``mean ± sd`` (4 decimals) per metric, "n/a" where a method has none."""
     header = ["method", "runs"] + [title for _, title in summary["columns"]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(map(_md, header)) + " |", "|" + "---|" * len(header)]
     for method in summary["methods"]:
         cells = summary["cells"][method]
         count = max((v[2] for v in cells.values()), default=0)
         row = [method, str(count)] + [_cell(cells.get(key)) for key, _ in summary["columns"]]
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join(map(_md, row)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,14 +187,43 @@ def to_csv(summary: dict) -> str:
     return out.getvalue()
 
 
+def pool_diagnostics(states: list[dict]):
+    """One [`TokenMetrics`] holding the evaluation tokens of several runs (e.g. every seed of a method), for the plots.
+
+    `states` are saved evaluations (``diagnostics.json``, i.e. `TokenMetrics.to_dict()`). Bin counts, bin sums and the
+    logit-gap histogram are sums over tokens, so pooling them is exact: the pooled reliability diagram, equal-width
+    ECE and token means are those of the concatenated evaluation sets. The equal-mass ECE needs every token's
+    (confidence, correct) pair, which ``diagnostics.json`` does not keep, so the pooled accumulator has
+    ``adaptive_ece`` off. Runs saved with different bins or histogram edges cannot be pooled (ValueError).
+    """
+    from .metrics import TokenMetrics
+
+    if not states:
+        raise ValueError("pool_diagnostics needs at least one saved evaluation.")
+    pooled = None
+    for state in states:
+        state = {k: v for k, v in state.items() if k not in ("token_confidence", "token_correct")}
+        if not isinstance(state.get("layout"), dict):
+            raise ValueError("Not a saved TokenMetrics (no 'layout'): expected the contents of a diagnostics.json.")
+        state["layout"] = {**state["layout"], "adaptive_ece": False}
+        metrics = TokenMetrics.from_dict(state)
+        pooled = metrics if pooled is None else pooled.merge(metrics)
+    return pooled
+
+
 def plot_training_curves(runs: list[Run], path: str | Path, keys=("loss", "nll")) -> Path:
-    """Training objective and NLL per optimizer step, mean over seeds, one line per method."""
-    import matplotlib
+    """Training objective and NLL per optimizer step, mean over seeds, one line per method.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The objective differs between methods (LS and MaxSup add their penalty); the NLL panel is the comparable one.
+    Drawn on a `Figure` with the Agg canvas, as in hf_smooth.plots: no pyplot state, no backend switch.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * len(keys), 3.6), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(keys), squeeze=False)
     methods = list(dict.fromkeys(run.method for run in runs))
     for ax, key in zip(axes[0], keys):
         for method in methods:
@@ -186,12 +235,13 @@ def plot_training_curves(runs: list[Run], path: str | Path, keys=("loss", "nll")
             if curves:
                 steps = sorted(curves)
                 ax.plot(steps, [sum(curves[s]) / len(curves[s]) for s in steps], marker=".", label=method)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"train {key}")
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    fig.tight_layout()
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend()
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
     return path

@@ -76,21 +76,31 @@ def run_one(args, spec, seed: int) -> Path:
 
 
 def report(output_dir: Path, order: list[str]) -> dict:
+    """Tabulate and plot every finished run under `output_dir`: the requested methods first, in `order`, then any
+    other method found there (a directory shared by two sweeps is reported whole)."""
     from hf_smooth.plots import plot_logit_gaps, plot_reliability
-    from hf_smooth.report import load_runs, plot_training_curves, summarize, to_csv, to_markdown
+    from hf_smooth.report import load_runs, plot_training_curves, pool_diagnostics, summarize, to_csv, to_markdown
 
     runs = load_runs(output_dir)
     if not runs:
         raise SystemExit(f"No finished runs under {output_dir}.")
-    summary = summarize(runs, order=[m for m in order if any(r.method == m for r in runs)])
+    found = list(dict.fromkeys(run.method for run in runs))
+    summary = summarize(runs, order=[m for m in order if m in found] + [m for m in found if m not in order])
     (output_dir / "results.md").write_text(to_markdown(summary))
     (output_dir / "results.csv").write_text(to_csv(summary))
-    pooled = {}
+    pooled, missing = {}, []
     for method in summary["methods"]:
-        diagnostics = [run.diagnostics() for run in runs if run.method == method]
-        diagnostics = [d for d in diagnostics if d]
-        if diagnostics:
-            pooled[method] = diagnostics  # the plots pool the bins over seeds
+        states = []
+        for run in (r for r in runs if r.method == method):
+            state = run.diagnostics()
+            if state is None:
+                missing.append(str(run.path))
+            else:
+                states.append(state)
+        if states:
+            pooled[method] = pool_diagnostics(states)  # the plots pool the bins over seeds
+    if missing:
+        print(f"[compare] no diagnostics.json (left out of the calibration plots) in: {', '.join(missing)}", flush=True)
     if pooled:
         plot_reliability(pooled, output_dir / "reliability.png")
         plot_logit_gaps(pooled, output_dir / "logit_gaps.png")
@@ -103,7 +113,16 @@ def main(argv=None):
     from hf_smooth.report import MethodSpec
 
     args = parse(argv)
-    specs = [MethodSpec.parse(text) for text in args.methods]
+    try:
+        specs = [MethodSpec.parse(text) for text in args.methods]
+    except ValueError as error:
+        raise SystemExit(f"--methods: {error}") from None
+    slugs = [spec.slug for spec in specs]
+    if len(set(slugs)) != len(slugs):
+        # Two spellings of one arm (ls:0.1 and ls:0.10) share a run folder: the second would silently reuse the first.
+        raise SystemExit(f"--methods {' '.join(args.methods)} names the same arm twice ({', '.join(slugs)}).")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed; each seed is one run.")
     started = time.time()
     if not args.report_only:
         for spec in specs:

@@ -1,0 +1,382 @@
+"""recipes/compare.py and hf_smooth.report: the comparison table is the mean and sd of the runs' own metrics.json.
+
+Three layers:
+- hf_smooth.report on hand-written metrics with hand-computed means and sample standard deviations;
+- the runner with a stand-in recipe (a few lines of Python passed as --launcher) that records its command line and
+  writes known metrics: the flags each arm gets, resuming only the missing runs, failures and bad input;
+- the runner end to end on the real translation recipe (embedded Marian built from a config, tiny sizes, 3 steps),
+  2 methods x 2 seeds, checked against statistics.mean/stdev over the metrics.json files the runs wrote.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+from metric_oracles import oracle_metrics
+
+from hf_smooth.metrics import TokenMetrics
+from hf_smooth.report import DEFAULT_METRICS, MethodSpec, load_runs, pool_diagnostics, summarize, to_csv, to_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_compare():
+    """recipes/compare.py is a script, not a package module: import it by path."""
+    spec = importlib.util.spec_from_file_location("hf_smooth_compare_script", REPO / "recipes" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+# ---- hf_smooth.report on hand-written runs ------------------------------------------------------------------------
+
+
+def write_run(root: Path, slug: str, seed: int, method: str | None, metrics: dict) -> Path:
+    run_dir = root / slug / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    if method is not None:
+        (run_dir / "run.json").write_text(json.dumps({"method": method, "seed": seed}))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+@pytest.fixture
+def hand_runs(tmp_path):
+    # eval_nll: LS 2, 4, 6 -> mean 4, sd sqrt((4 + 0 + 4) / 2) = 2;  MaxSup 3, 5 -> mean 4, sd sqrt(2);  CE 7.5 alone.
+    # eval_ece: LS 0.25, 0.75, 0.5 -> mean 0.5, sd sqrt((0.0625 + 0.0625 + 0) / 2) = 0.25;  MaxSup: one run wrote
+    # null (a non-finite value), so one value, 0.125, and no sd;  CE has no ECE at all.
+    # eval_accuracy only in the CE run; eval_bleu in none (its column must disappear).
+    write_run(tmp_path, "ls0p1", 0, "LS 0.1", {"eval_nll": 2.0, "eval_ece": 0.25, "task": "clm"})
+    write_run(tmp_path, "ls0p1", 1, "LS 0.1", {"eval_nll": 4.0, "eval_ece": 0.75})
+    write_run(tmp_path, "ls0p1", 2, "LS 0.1", {"eval_nll": 6.0, "eval_ece": 0.5})
+    write_run(tmp_path, "maxsup0p1", 0, "MaxSup 0.1", {"eval_nll": 3.0, "eval_ece": None})
+    write_run(tmp_path, "maxsup0p1", 1, "MaxSup 0.1", {"eval_nll": 5.0, "eval_ece": 0.125})
+    write_run(tmp_path, "ce", 0, "CE", {"eval_nll": 7.5, "eval_accuracy": 0.625})
+    (tmp_path / "ce" / "seed1").mkdir()  # an unfinished run: no metrics.json, not counted
+    (tmp_path / "ce" / "seed1" / "run.json").write_text(json.dumps({"method": "CE", "seed": 1}))
+    return tmp_path
+
+
+def test_load_runs_reads_method_and_seed(hand_runs, tmp_path):
+    runs = load_runs(hand_runs)
+    assert sorted((r.method, r.seed) for r in runs) == [
+        ("CE", 0), ("LS 0.1", 0), ("LS 0.1", 1), ("LS 0.1", 2), ("MaxSup 0.1", 0), ("MaxSup 0.1", 1)
+    ]
+    # Without run.json the folder names stand in.
+    write_run(tmp_path / "other", "mystery", 7, None, {"eval_nll": 1.0})
+    (run,) = load_runs(tmp_path / "other")
+    assert (run.method, run.seed, run.metrics) == ("mystery", 7, {"eval_nll": 1.0})
+    assert load_runs(tmp_path / "nothing-here") == []
+
+
+def test_summarize_hand_computed(hand_runs):
+    summary = summarize(load_runs(hand_runs), order=["CE", "LS 0.1", "MaxSup 0.1"])
+    assert summary["methods"] == ["CE", "LS 0.1", "MaxSup 0.1"]
+    assert summary["columns"] == [("eval_nll", "eval NLL"), ("eval_accuracy", "token acc."), ("eval_ece", "ECE")]
+    cells = summary["cells"]
+    assert cells["LS 0.1"]["eval_nll"] == pytest.approx((4.0, 2.0, 3), abs=1e-15)
+    assert cells["LS 0.1"]["eval_ece"] == pytest.approx((0.5, 0.25, 3), abs=1e-15)
+    assert cells["MaxSup 0.1"]["eval_nll"][0] == 4.0
+    assert cells["MaxSup 0.1"]["eval_nll"][1] == pytest.approx(1.4142135623730951, abs=1e-15)
+    assert cells["MaxSup 0.1"]["eval_ece"] == (0.125, None, 1)
+    assert cells["CE"] == {"eval_nll": (7.5, None, 1), "eval_accuracy": (0.625, None, 1)}
+    assert "eval_accuracy" not in cells["LS 0.1"]
+
+
+def test_summarize_default_order_is_first_appearance(hand_runs):
+    summary = summarize(load_runs(hand_runs))
+    assert summary["methods"] == ["CE", "LS 0.1", "MaxSup 0.1"]  # load_runs sorts the paths: ce/, ls0p1/, maxsup0p1/
+
+
+def test_to_markdown_hand_written(hand_runs):
+    summary = summarize(load_runs(hand_runs), order=["LS 0.1", "MaxSup 0.1", "CE"])
+    assert to_markdown(summary) == (
+        "| method | runs | eval NLL | token acc. | ECE |\n"
+        "|---|---|---|---|---|\n"
+        "| LS 0.1 | 3 | 4.0000 ± 2.0000 | n/a | 0.5000 ± 0.2500 |\n"
+        "| MaxSup 0.1 | 2 | 4.0000 ± 1.4142 | n/a | 0.1250 |\n"
+        "| CE | 1 | 7.5000 | 0.6250 | n/a |\n"
+    )
+
+
+def test_to_csv_hand_written(hand_runs):
+    summary = summarize(load_runs(hand_runs), order=["LS 0.1", "MaxSup 0.1", "CE"])
+    rows = list(csv.reader(io.StringIO(to_csv(summary))))
+    assert rows[0] == ["method"] + [
+        f"{key}_{part}" for key in ("eval_nll", "eval_accuracy", "eval_ece") for part in ("mean", "sd", "n")
+    ]
+    ls, maxsup, ce = rows[1:]
+    assert ls[:4] == ["LS 0.1", "4.0", "2.0", "3"] and ls[4:7] == ["", "", "0"] and ls[7:] == ["0.5", "0.25", "3"]
+    assert maxsup[0] == "MaxSup 0.1" and float(maxsup[2]) == pytest.approx(math.sqrt(2.0), abs=1e-15)
+    assert maxsup[7:] == ["0.125", "", "1"]
+    assert ce == ["CE", "7.5", "", "1", "0.625", "", "1", "", "", "0"]
+
+
+@pytest.mark.parametrize(
+    "text, name, slug, flags",
+    [
+        ("ce", "CE", "ce", ["--smoothing_method", "none", "--smoothing_schedule", "constant"]),
+        ("ls:0.1", "LS 0.1", "ls0p1",
+         ["--smoothing_method", "label_smoothing", "--smoothing_alpha", "0.1", "--smoothing_schedule", "constant"]),
+        ("maxsup:0.1-0.2", "MaxSup 0.1->0.2", "maxsup0p1-0p2",
+         ["--smoothing_method", "maxsup", "--smoothing_alpha", "0.1", "--smoothing_schedule", "linear",
+          "--smoothing_alpha_end", "0.2"]),
+        ("MaxSup:0.15", "MaxSup 0.15", "maxsup0p15",
+         ["--smoothing_method", "maxsup", "--smoothing_alpha", "0.15", "--smoothing_schedule", "constant"]),
+    ],
+)
+def test_method_spec(text, name, slug, flags):
+    spec = MethodSpec.parse(text)
+    assert (spec.name, spec.slug, spec.recipe_flags()) == (name, slug, flags)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("ce:0.1", "takes no strength"), ("ls", "give the strength"), ("dropout:0.1", "Unknown method"),
+     ("ls:1e-1", "plain decimal"), ("maxsup:abc", "plain decimal")],
+)
+def test_method_spec_rejects(text, message):
+    with pytest.raises(ValueError, match=message):
+        MethodSpec.parse(text)
+
+
+def random_metrics(seed: int, rows: int, scale: float) -> tuple[TokenMetrics, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, 11, generator=g, dtype=torch.float64) * scale
+    labels = torch.randint(0, 11, (rows,), generator=g)
+    labels[::7] = -100
+    return TokenMetrics().update(logits, labels), logits, labels
+
+
+def test_pool_diagnostics_equals_concatenated_oracle():
+    parts = [random_metrics(seed, rows, scale) for seed, rows, scale in ((0, 90, 2.0), (1, 130, 4.0), (2, 40, 0.5))]
+    states = [json.loads(json.dumps(m.to_dict())) for m, _, _ in parts]  # as read back from diagnostics.json
+    pooled = pool_diagnostics(states)
+    logits = torch.cat([z for _, z, _ in parts])
+    labels = torch.cat([y for _, _, y in parts])
+    edges = list(pooled.layout.gap_edges)
+    oracle = oracle_metrics(logits, labels, gap_edges=edges)
+    results = pooled.compute()
+    for key in ("nll", "accuracy", "confidence", "ece", "brier", "entropy", "logit_gap"):
+        assert results[key] == pytest.approx(oracle[key], rel=1e-9, abs=1e-12), key
+    assert results["num_tokens"] == oracle["num_tokens"]
+    assert pooled.reliability()["count"] == oracle["bin_count"]
+    assert pooled.logit_gap_histogram()["count"] == oracle["gap_count"]
+    assert "ece_adaptive" not in results  # needs per-token pairs, which diagnostics.json does not hold
+
+
+def test_pool_diagnostics_rejects_mismatched_or_empty():
+    a = TokenMetrics().update(torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])).to_dict()
+    b = TokenMetrics(num_bins=10).update(torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])).to_dict()
+    with pytest.raises(ValueError, match="different layouts"):
+        pool_diagnostics([a, b])
+    with pytest.raises(ValueError, match="at least one"):
+        pool_diagnostics([])
+    with pytest.raises(ValueError, match="diagnostics.json"):
+        pool_diagnostics([{"metrics": {}}])
+
+
+# ---- the runner with a stand-in recipe ----------------------------------------------------------------------------
+
+# Receives `<recipe.py> --output_dir D --seed S <method flags> <extra flags>` like the real recipes, appends its
+# command line to calls.jsonl and writes metrics that are a known function of the method and the seed. Set
+# FAKE_RECIPE_FAIL=<seed> to make that seed fail.
+FAKE_RECIPE = r'''
+import json, os, sys
+from pathlib import Path
+argv = sys.argv[1:]
+flags = dict(zip(argv[1::2], argv[2::2]))
+out = Path(flags["--output_dir"])
+with open(Path(os.environ["FAKE_RECIPE_LOG"]), "a") as log:
+    log.write(json.dumps(argv) + "\n")
+seed = int(flags["--seed"])
+print("fake recipe running", seed)
+if os.environ.get("FAKE_RECIPE_FAIL") == str(seed):
+    print("boom: simulated failure")
+    sys.exit(3)
+alpha = float(flags.get("--smoothing_alpha", 0.0))
+metrics = {"eval_nll": 1.0 + alpha + 0.5 * seed, "eval_accuracy": 0.5 - alpha + 0.01 * seed}
+(out / "metrics.json").write_text(json.dumps(metrics))
+history = [{"step": s, "loss": 3.0 - 0.1 * s + alpha, "nll": 3.0 - 0.1 * s} for s in (1, 2, 3)]
+(out / "log_history.json").write_text(json.dumps(history))
+'''
+
+
+@pytest.fixture
+def fake_recipe(tmp_path, monkeypatch):
+    script = tmp_path / "fake_recipe.py"
+    script.write_text(FAKE_RECIPE)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_RECIPE_LOG", str(log))
+    monkeypatch.delenv("FAKE_RECIPE_FAIL", raising=False)
+
+    def calls():
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}", calls
+
+
+def test_runner_flags_resume_and_table(tmp_path, fake_recipe, capsys):
+    launcher, calls = fake_recipe
+    compare = load_compare()
+    out = tmp_path / "cmp"
+    argv = ["--task", "clm", "--methods", "ce", "maxsup:0.1-0.2", "--seeds", "0", "1", "--output_dir", str(out),
+            "--launcher", launcher, "--", "--max_steps", "3"]
+    summary = compare.main(argv)
+
+    made = calls()
+    assert len(made) == 4
+    by_run = {(c[c.index("--output_dir") + 1], c[c.index("--seed") + 1]): c for c in made}
+    assert set(by_run) == {(str(out / slug / f"seed{s}"), str(s)) for slug in ("ce", "maxsup0p1-0p2") for s in (0, 1)}
+    maxsup = by_run[(str(out / "maxsup0p1-0p2" / "seed1"), "1")]
+    assert maxsup[0] == str(REPO / "recipes" / "clm.py")
+    assert maxsup[5:] == ["--smoothing_method", "maxsup", "--smoothing_alpha", "0.1", "--smoothing_schedule",
+                          "linear", "--smoothing_alpha_end", "0.2", "--max_steps", "3"]
+    ce = by_run[(str(out / "ce" / "seed0"), "0")]
+    assert ce[5:] == ["--smoothing_method", "none", "--smoothing_schedule", "constant", "--max_steps", "3"]
+
+    # Known metrics: CE nll 1.0, 1.5; MaxSup (alpha 0.1) 1.1, 1.6.
+    assert summary["methods"] == ["CE", "MaxSup 0.1->0.2"]
+    assert summary["cells"]["CE"]["eval_nll"] == pytest.approx((1.25, statistics.stdev([1.0, 1.5]), 2), abs=1e-12)
+    assert summary["cells"]["MaxSup 0.1->0.2"]["eval_nll"] == pytest.approx(
+        (1.35, statistics.stdev([1.1, 1.6]), 2), abs=1e-12
+    )
+    assert (out / "results.md").read_text() == to_markdown(summary)
+    assert (out / "training_curves.png").stat().st_size > 5_000
+    assert not (out / "reliability.png").exists()  # the stand-in writes no diagnostics.json ...
+    assert "no diagnostics.json" in capsys.readouterr().out  # ... and the runner says so
+
+    # Resume: only the run whose metrics.json is gone runs again.
+    (out / "ce" / "seed1" / "metrics.json").unlink()
+    compare.main(argv)
+    again = calls()[4:]
+    assert len(again) == 1 and again[0][again[0].index("--seed") + 1] == "1"
+    assert again[0][again[0].index("--output_dir") + 1] == str(out / "ce" / "seed1")
+
+    # --report_only never launches; a method present on disk but not requested is still reported, after the others.
+    compare.main(["--output_dir", str(out), "--methods", "maxsup:0.1-0.2", "--report_only"])
+    assert len(calls()) == 5
+    assert load_compare().report(out, ["MaxSup 0.1->0.2"])["methods"] == ["MaxSup 0.1->0.2", "CE"]
+
+
+def test_runner_stops_on_a_failed_run(tmp_path, fake_recipe, monkeypatch):
+    launcher, calls = fake_recipe
+    monkeypatch.setenv("FAKE_RECIPE_FAIL", "1")
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit, match=r"(?s)run failed \(3\).*boom: simulated failure"):
+        load_compare().main(["--methods", "ls:0.1", "--seeds", "0", "1", "--output_dir", str(out),
+                             "--launcher", launcher])
+    assert (out / "ls0p1" / "seed0" / "metrics.json").is_file()
+    assert not (out / "ls0p1" / "seed1" / "metrics.json").exists()  # so the next invocation runs it again
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "ls:0.1", "ls:0.10"], "same arm twice"),
+        (["--methods", "ls"], "give the strength"),
+        (["--seeds", "0", "0"], "repeats a seed"),
+        (["--report_only"], "No finished runs"),
+    ],
+)
+def test_runner_bad_input(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        load_compare().main(argv + ["--output_dir", str(tmp_path / "empty")])
+
+
+# ---- end to end on the real translation recipe --------------------------------------------------------------------
+
+# Embedded Marian built from a config, with sizes that make one run a few seconds: 3 optimizer steps, greedy
+# generation of at most 16 tokens over 16 held-out pairs.
+TINY_TRANSLATION = [
+    "--embedded_d_model", "32", "--embedded_layers", "1", "--embedded_vocab_size", "300",
+    "--max_steps", "3", "--max_train_samples", "64", "--max_eval_samples", "16",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+    "--generation_num_beams", "1", "--generation_max_length", "16", "--logging_steps", "1", "--warmup_steps", "0",
+]
+
+
+def check_png(path: Path) -> None:
+    assert path.is_file(), path
+    assert path.stat().st_size > 5_000, path
+    image = matplotlib.image.imread(path)
+    assert float(image[..., :3].std()) > 0.05, path  # something was drawn
+
+
+def test_compare_translation_two_methods_two_seeds(tmp_path, capsys):
+    compare = load_compare()
+    out = tmp_path / "cmp"
+    argv = ["--task", "translation", "--methods", "ls:0.1", "maxsup:0.1", "--seeds", "0", "1",
+            "--output_dir", str(out), "--", *TINY_TRANSLATION]
+    compare.main(argv)
+
+    # The independent computation: statistics.mean / statistics.stdev over the metrics.json files.
+    metrics = {
+        (method, seed): json.loads((out / slug / f"seed{seed}" / "metrics.json").read_text())
+        for method, slug in (("LS 0.1", "ls0p1"), ("MaxSup 0.1", "maxsup0p1"))
+        for seed in (0, 1)
+    }
+    for (method, seed), m in metrics.items():
+        assert m["seed"] == seed and m["smoothing_alpha"] == 0.1
+        assert m["smoothing_method"] == {"LS 0.1": "label_smoothing", "MaxSup 0.1": "maxsup"}[method]
+    keys = ["eval_nll", "eval_ppl", "eval_accuracy", "eval_ece", "eval_ece_adaptive", "eval_brier", "eval_entropy",
+            "eval_logit_gap", "eval_bleu", "eval_chrf"]
+    for key in keys:
+        assert all(isinstance(m.get(key), float) and math.isfinite(m[key]) for m in metrics.values()), key
+
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert [row["method"] for row in rows] == ["LS 0.1", "MaxSup 0.1"]
+    md_lines = (out / "results.md").read_text().splitlines()
+    header = [c.strip() for c in md_lines[0].strip("|").split("|")]
+    titles = {key: title for key, title, _ in DEFAULT_METRICS}
+    assert header == ["method", "runs"] + [titles[k] for k in keys]  # methods x metrics, in the report's order
+    assert len(md_lines) == 2 + 2
+    for row, line in zip(rows, md_lines[2:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:2] == [row["method"], "2"]
+        for key, cell in zip(keys, cells[2:]):
+            values = [metrics[(row["method"], seed)][key] for seed in (0, 1)]
+            mean, sd = statistics.mean(values), statistics.stdev(values)
+            assert float(row[f"{key}_mean"]) == pytest.approx(mean, rel=1e-12, abs=1e-12), key
+            assert float(row[f"{key}_sd"]) == pytest.approx(sd, rel=1e-9, abs=1e-12), key
+            assert row[f"{key}_n"] == "2"
+            # The Markdown shows the same numbers as the CSV, rounded to 4 decimals.
+            assert cell == f"{float(row[f'{key}_mean']):.4f} ± {float(row[f'{key}_sd']):.4f}", key
+    for name in ("reliability.png", "logit_gaps.png", "training_curves.png"):
+        check_png(out / name)
+
+    # Resumable: a second invocation with a launcher that would fail any run must not start one.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/metrics.json")}
+    assert len(stamps) == 4
+    capsys.readouterr()
+    refuse = f"{shlex.quote(sys.executable)} -c 'raise SystemExit(9)'"
+    compare.main(argv[:-len(TINY_TRANSLATION) - 1] + ["--launcher", refuse])
+    printed = capsys.readouterr().out
+    assert printed.count("done already, skipping") == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/metrics.json")} == stamps
+
+
+def test_to_markdown_escapes_pipes(hand_runs):
+    summary = summarize(load_runs(hand_runs), metrics=[("eval_nll", "share |z| < 0.01", True)], order=["CE"])
+    header = to_markdown(summary).splitlines()[0]
+    assert header == "| method | runs | share \\|z\\| < 0.01 |"
