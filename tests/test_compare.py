@@ -15,7 +15,6 @@ import importlib.util
 import io
 import json
 import math
-import os
 import shlex
 import statistics
 import sys
