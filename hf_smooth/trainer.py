@@ -104,6 +104,36 @@ class SmoothLossMixin:
             ignore_index=self.smoothing_args.smoothing_ignore_index,
         )
 
+    # ---- training ------------------------------------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        self._undo_evaluation_only_prepare()
+        return super().train(*args, **kwargs)
+
+    def _undo_evaluation_only_prepare(self) -> None:
+        """Let `train()` wrap the model in DDP when `evaluate()` (or `predict()`) ran first.
+
+        `Trainer.evaluation_loop` prepares a model that was never trained with
+        ``accelerator.prepare_model(model, evaluation_mode=True)``: no DDP wrapper, but the model is marked
+        ``_is_accelerate_prepared`` (accelerate 1.15), so the ``accelerator.prepare(model, optimizer)`` of `train()`
+        returns it unwrapped. Every rank then steps on the gradient of its own micro-batches, never synchronized,
+        silently; and since `compute_loss` scales the loss by the number of processes for DDP's averaging, that step
+        is also num_processes times too large. Found with transformers 5.23 on 2 CPU processes
+        (tests/test_distributed.py, evaluate() then train()). Undo the mark and the accelerator's record of that
+        evaluation-only preparation, so train() prepares the model as if evaluate() had not run. DeepSpeed and FSDP
+        are prepared fully by the evaluation loop and are left alone.
+        """
+        model = self.model
+        if (
+            self.accelerator.num_processes > 1
+            and self.model_wrapped is model
+            and getattr(model, "_is_accelerate_prepared", False)
+            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+            and not getattr(self, "is_distributed_loading_by_transformers", False)
+        ):
+            model._is_accelerate_prepared = False
+            self.accelerator._models[:] = [m for m in self.accelerator._models if m is not model]
+
     # ---- token count over the accumulation window ----------------------------------------------------------------
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
@@ -269,6 +299,13 @@ class SmoothLossMixin:
             stats, self._pending_eval_stats = self._pending_eval_stats, None
             if stats is None:
                 raise RuntimeError("prediction_step did not go through compute_loss; cannot collect eval metrics.")
+            if self.accelerator.num_processes > 1:
+                # The per-token pairs are (B, T, 2) with T the longest row of this rank's batch: pad them to one
+                # width (PAD_VALUE rows are dropped by add) or all_gather fails on mismatched sizes. `sums` has
+                # the same width on every rank and is left alone.
+                from .metrics import PAD_VALUE
+
+                stats = self.accelerator.pad_across_processes(stats, dim=1, pad_index=PAD_VALUE)
             # gather_for_metrics drops the samples the distributed sampler duplicated to even out the last batch,
             # so a 2-process evaluation sums exactly the same samples as a 1-process one.
             self._eval_accumulator.add(self.accelerator.gather_for_metrics(stats))

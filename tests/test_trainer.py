@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from transformers import Trainer, TrainingArguments
 from hf_smooth import SmoothingArguments, SmoothSeq2SeqTrainer, SmoothSeq2SeqTrainingArguments, SmoothTrainer
 from hf_smooth import SmoothTrainingArguments
 from hf_smooth import label_smoothing_loss, maxsup_loss
+from hf_smooth.modeling import unwrap_model
 
 METHODS = ["none", "label_smoothing", "maxsup"]
 ALPHA = 0.1
@@ -299,3 +301,131 @@ def test_configuration_errors(tmp_path):
     trainer = SmoothTrainer(model=model, args=args, smoothing_args=SmoothingArguments(), train_dataset=data)
     with pytest.raises(ValueError, match="labels"):
         trainer.compute_loss(model, {"input_ids": torch.tensor([[3, 4, 5]])})
+
+
+# ---- the fused path (smoothing_fused_loss=True) at trainer level -------------------------------------------------
+
+# Every training-log key hf_smooth adds; the fused path must report the same numbers as the materialized one.
+SMOOTH_LOG_KEYS = ["loss", "nll", "ppl", "smoothing_penalty", "smoothing_alpha", "top1_prob", "token_accuracy",
+                   "logit_gap", "num_tokens_scored"]
+FUSED_CASES = [(name, method) for name in ["llama", "gpt2"] for method in METHODS]
+assert len(FUSED_CASES) == 6
+
+
+def is_fallback_warning(message) -> bool:
+    # fused_trainer: "falls back to materialized logits"; fused (output layer it cannot fold): "falling back to ..."
+    return "falls back" in str(message) or "falling back" in str(message)
+
+
+class LogitLengths:
+    """Sequence length of the logits the model returns: 1 when the fused path runs (logits_to_keep=1: the loss
+    projects the hidden states itself, so no B x T x V logits exist). Hooks the model, not the output layer: a hook
+    on the output layer makes the fused loss fall back (it would bypass the hook)."""
+
+    def __init__(self, model):
+        self.lengths = []
+        base = unwrap_model(model)
+        self.handle = base.register_forward_hook(lambda _m, _args, out: self.lengths.append(out.logits.shape[-2]))
+
+
+def assert_fused_ran(trainer, logit_lengths: LogitLengths, caught) -> None:
+    assert trainer._fused_state is not None and trainer._fused_state["checked"], "the fused path never ran"
+    assert logit_lengths.lengths and set(logit_lengths.lengths) == {1}, logit_lengths.lengths
+    fallbacks = [str(w.message) for w in caught if is_fallback_warning(w.message)]
+    assert not fallbacks, fallbacks
+
+
+def train_fused(name, bs, ga, method, tmp_path, examples, model=None, **extra):
+    model = model if model is not None else BUILDERS[name](0)
+    lengths = LogitLengths(model)
+    trainer = SmoothTrainer(
+        model=model, args=training_args(tmp_path, bs, ga, method, smoothing_fused_loss=True, **extra),
+        train_dataset=ListDataset(examples), data_collator=PadCollator(),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    lengths.handle.remove()
+    assert_fused_ran(trainer, lengths, caught)
+    return {k: v.detach().clone() for k, v in model.named_parameters()}, trainer
+
+
+def smooth_log(trainer) -> dict:
+    (log,) = [entry for entry in trainer.state.log_history if "nll" in entry]
+    return log
+
+
+@pytest.mark.parametrize("name,method", FUSED_CASES)
+def test_fused_accumulation_invariance_matches_oracle_and_unfused(name, method, tmp_path):
+    examples = causal_examples(4)
+    expected, expected_loss = reference_step(BUILDERS[name](0), name, examples, method)
+    unfused, unfused_trainer = train_once(name, 2, 2, method, tmp_path / "unfused", examples)
+    reference_log = smooth_log(unfused_trainer)
+    for bs, ga in [(4, 1), (2, 2), (1, 4)]:
+        params, trainer = train_fused(name, bs, ga, method, tmp_path / "fused", examples)
+        assert max_diff(params, expected) < 1e-6, (bs, ga)
+        assert max_diff(params, unfused) < 1e-6, (bs, ga)
+        log = smooth_log(trainer)
+        assert log["loss"] == pytest.approx(expected_loss, rel=1e-5), (bs, ga)
+        for key in SMOOTH_LOG_KEYS:
+            assert log[key] == pytest.approx(reference_log[key], rel=1e-5, abs=1e-7), (bs, ga, key)
+
+
+def test_fused_evaluation_uses_materialized_logits_and_matches_unfused(tmp_path):
+    examples, evaluation = causal_examples(8, seed=1), causal_examples(7, seed=2)
+    _, fused = train_fused("llama", 2, 2, "maxsup", tmp_path / "fused", examples, max_steps=2,
+                           per_device_eval_batch_size=3)
+    _, unfused = train_once("llama", 2, 2, "maxsup", tmp_path / "unfused", examples, max_steps=2,
+                            per_device_eval_batch_size=3)
+    fused_metrics, unfused_metrics = fused.evaluate(ListDataset(evaluation)), unfused.evaluate(ListDataset(evaluation))
+    names = [k for k in unfused_metrics if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))]
+    assert "eval_ece" in names and "eval_nll" in names and set(fused_metrics) == set(unfused_metrics)
+    for key in names:
+        assert fused_metrics[key] == pytest.approx(unfused_metrics[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("name", ["t5", "marian"])
+def test_fused_falls_back_cleanly_for_encoder_decoder(name, tmp_path):
+    """No logits_to_keep path for encoder-decoder models: one warning, then exactly the materialized update."""
+    examples = seq2seq_examples(4)
+    expected, _ = reference_step(BUILDERS[name](0), name, examples, "maxsup")
+    unfused, unfused_trainer = train_once(name, 2, 2, "maxsup", tmp_path / "unfused", examples)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused, trainer = train_once(name, 2, 2, "maxsup", tmp_path / "fused", examples, smoothing_fused_loss=True)
+    fallbacks = [str(w.message) for w in caught if is_fallback_warning(w.message)]
+    assert len(fallbacks) == 1 and "encoder-decoder" in fallbacks[0], fallbacks  # warned once, not per micro-batch
+    assert not trainer._fused_state["checked"]
+    assert max_diff(fused, unfused) < 1e-7
+    assert max_diff(fused, expected) < 1e-6
+    for key in SMOOTH_LOG_KEYS:
+        assert smooth_log(trainer)[key] == pytest.approx(smooth_log(unfused_trainer)[key], rel=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "targets,checkpointing",
+    [(["q_proj", "v_proj"], False), (["q_proj", "v_proj", "lm_head"], False), (["q_proj", "v_proj", "lm_head"], True)],
+)
+def test_fused_with_lora_matches_reference(targets, checkpointing, tmp_path):
+    """LoRA through the fused path: adapters on attention, and on the output layer (folded into the fused weight, so
+    its adapter trains, unlike a fused loss that reads lm_head.weight only: TRL #4612), with activation checkpointing
+    (adapter gradients must not vanish: transformers #42489)."""
+    peft = pytest.importorskip("peft")
+
+    def lora_model():
+        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+        return peft.get_peft_model(BUILDERS["llama"](0), config)
+
+    examples = causal_examples(4)
+    initial = {k: v.detach().clone() for k, v in lora_model().named_parameters()}
+    expected, _ = reference_step(lora_model(), "llama", examples, "maxsup")
+    extra = {}
+    if checkpointing:
+        extra = dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
+    params, trainer = train_fused("llama", 2, 2, "maxsup", tmp_path, examples, model=lora_model(), **extra)
+    assert unwrap_model(trainer.model).is_activation_checkpointing == checkpointing
+    assert max_diff(params, expected) < 1e-6
+    changed = {k for k in params if not torch.equal(params[k], initial[k])}
+    assert changed and all("lora_" in k for k in changed), sorted(changed)
+    if "lm_head" in targets:
+        assert any("lm_head.lora_B" in k for k in changed), sorted(changed)

@@ -1,0 +1,415 @@
+"""Two real processes (gloo DDP on CPU) against one process and against a hand oracle.
+
+Each test module launch runs `tests/scripts/ddp_train.py` once under
+
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no
+
+with a list of scenarios (a launch costs 10-20 s of start-up here, so scenarios share one). Every scenario takes one
+SGD step (lr 1, no clipping) on a global batch of 8 variable-length rows: 2 ranks x 2 padded rows x 2 accumulation
+steps. The single-process references are computed in this process:
+
+- the oracle of tests/test_trainer.py: every row run alone (no padding), per-token losses from PyTorch's own
+  F.cross_entropy / the naive MaxSup formula in float64, summed and divided by the global token count, one SGD step;
+- SmoothTrainer in one process with the whole global batch in one micro-batch (8 x 1).
+
+The step is the gradient of a sum over the rows divided by their count, so the order the distributed sampler
+deals the rows in does not matter: the data is exactly one global batch. What each rank scored is recorded by the
+script, so the tests also check the premise of each scenario (unequal token counts, an all-ignored micro-batch, a
+rank with nothing to score).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from metric_oracles import oracle_metrics
+from test_trainer import ALPHA, example_logits_and_targets, max_diff, oracle_token_losses, reference_step
+from test_trainer import SMOOTH_LOG_KEYS, training_args
+from tiny_models import SEQ2SEQ, ListDataset, PadCollator, causal_examples, seq2seq_examples
+
+from hf_smooth import SmoothSeq2SeqTrainer, SmoothTrainer
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+SCRIPT = TESTS / "scripts" / "ddp_train.py"
+# Backstop only: a rank stuck in a collective exits by itself after 120 s with its stack (ddp_train.py watchdog).
+LAUNCH_TIMEOUT_S = 420
+
+# The training arguments of the scenarios: 2 ranks x 2 rows x 2 accumulation steps = a global batch of 8.
+BS, GA, EVAL_BS = 2, 2, 2
+GLOBAL_ROWS = 2 * BS * GA
+
+# What the Trainer adds to evaluate()'s output besides the metrics; these differ between runs by nature.
+TIMING_KEYS = {
+    "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time", "epoch",
+}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("ddp_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ddp_train = _load_script()
+
+
+# ---- data and scenarios ----------------------------------------------------------------------------------------
+
+
+def causal_train():
+    # Scored tokens per row (after the shift): 6, 5, 10, 3, 4, 9, 8, 9; lengths 4 to 12, so rows are padded.
+    return causal_examples(GLOBAL_ROWS, seed=0)
+
+
+def seq2seq_train():
+    return seq2seq_examples(GLOBAL_ROWS, seed=0)
+
+
+def masked(examples, rows):
+    """A copy of `examples` whose `rows` have every label ignored (a prompt-only row after completion masking)."""
+    examples = [dict(e) for e in examples]
+    for i in rows:
+        examples[i]["labels"] = [-100] * len(examples[i]["labels"])
+    return examples
+
+
+def scenario(name, model, method, *, fused=False, train=None, eval=None, sampling="random", lora=None, **extra):
+    seq2seq = model in SEQ2SEQ
+    return {
+        "name": name, "model": model, "method": method, "fused": fused, "lora": lora,
+        "train": train if train is not None else (seq2seq_train() if seq2seq else causal_train()),
+        "eval": eval, "sampling": sampling,
+        "per_device_train_batch_size": BS, "gradient_accumulation_steps": GA, "per_device_eval_batch_size": EVAL_BS,
+        **extra,
+    }
+
+
+# Sequential sampling deals whole micro-batches of consecutive rows to the ranks in turn: rank 0 gets rows
+# [0, 1] and [4, 5], rank 1 gets [2, 3] and [6, 7] (checked from what the ranks recorded, not assumed).
+RANK1_FIRST_MICRO_BATCH = [2, 3]
+RANK1_ALL_ROWS = [2, 3, 6, 7]
+
+# Eval sets whose sizes are not multiples of 2 ranks x EVAL_BS = 4: the distributed sampler pads the last batch
+# with duplicated samples, which must not be counted twice.
+CAUSAL_EVAL = causal_examples(7, seed=2)
+SEQ2SEQ_EVAL = seq2seq_examples(5, seed=3)
+
+DEFAULT_SCENARIOS = [
+    scenario("llama-none", "llama", "none"),
+    scenario("llama-label_smoothing", "llama", "label_smoothing"),
+    scenario("llama-maxsup", "llama", "maxsup", eval=CAUSAL_EVAL),
+    scenario("llama-fused-none", "llama", "none", fused=True),
+    scenario("llama-fused-label_smoothing", "llama", "label_smoothing", fused=True),
+    scenario("llama-fused-maxsup", "llama", "maxsup", fused=True),
+    scenario("t5-label_smoothing", "t5", "label_smoothing", eval=SEQ2SEQ_EVAL),
+    scenario("llama-ignored-micro-batch", "llama", "maxsup", sampling="sequential",
+             train=masked(causal_train(), RANK1_FIRST_MICRO_BATCH)),
+    scenario("llama-idle-rank", "llama", "maxsup", sampling="sequential",
+             train=masked(causal_train(), RANK1_ALL_ROWS)),
+    scenario("llama-fused-idle-rank", "llama", "label_smoothing", fused=True, sampling="sequential",
+             train=masked(causal_train(), RANK1_ALL_ROWS)),
+]
+
+SLOW_SCENARIOS = [
+    scenario("gpt2-none", "gpt2", "none"),
+    scenario("gpt2-label_smoothing", "gpt2", "label_smoothing", eval=CAUSAL_EVAL),
+    scenario("gpt2-maxsup", "gpt2", "maxsup"),
+    scenario("gpt2-fused-label_smoothing", "gpt2", "label_smoothing", fused=True),
+    scenario("gpt2-fused-maxsup", "gpt2", "maxsup", fused=True),
+    scenario("gpt2-fused-idle-rank", "gpt2", "maxsup", fused=True, sampling="sequential",
+             train=masked(causal_train(), RANK1_ALL_ROWS)),
+    scenario("t5-none", "t5", "none"),
+    scenario("t5-maxsup", "t5", "maxsup"),
+    scenario("marian-none", "marian", "none"),
+    scenario("marian-label_smoothing", "marian", "label_smoothing"),
+    scenario("marian-maxsup", "marian", "maxsup", eval=SEQ2SEQ_EVAL),
+    # encoder-decoder + fused: a warned fallback to materialized logits, still exact
+    scenario("marian-fused-maxsup", "marian", "maxsup", fused=True),
+    # LoRA on attention and on the output layer, fused: the adapter of lm_head is folded into the fused weight
+    scenario("llama-lora-fused-maxsup", "llama", "maxsup", fused=True, lora=["q_proj", "v_proj", "lm_head"]),
+    # other splits of the same global batch: 1 row x 4 accumulation steps, 4 rows x 1 step per rank
+    scenario("llama-1x4-label_smoothing", "llama", "label_smoothing",
+             per_device_train_batch_size=1, gradient_accumulation_steps=4),
+    scenario("llama-4x1-maxsup", "llama", "maxsup", eval=CAUSAL_EVAL,
+             per_device_train_batch_size=4, gradient_accumulation_steps=1, per_device_eval_batch_size=3),
+]
+
+assert len({s["name"] for s in DEFAULT_SCENARIOS + SLOW_SCENARIOS}) == len(DEFAULT_SCENARIOS) + len(SLOW_SCENARIOS)
+
+
+# ---- launching -------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    # Other test runs may launch at the same time on this machine: never rely on accelerate's fixed 29500.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill the launcher and every process under it. torchrun starts each rank in a session of its own, so killing
+    the launcher's process group leaves the ranks running (and holding the output pipe open)."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        launcher = psutil.Process(pid)
+        processes = launcher.children(recursive=True) + [launcher]  # listed before any is killed and reparented
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def launch(run_dir: Path, scenarios: list) -> dict:
+    """Run all `scenarios` in one 2-process launch; returns {name: outputs} (see tests/scripts/ddp_train.py)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "scenarios.json").write_text(json.dumps(scenarios))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(SCRIPT), str(run_dir),
+    ]
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        # two processes on a 2-core machine: one thread each, or they fight over the cores
+        OMP_NUM_THREADS="1",
+        # no user accelerate config file can change the launch
+        HF_HOME=str(run_dir / "hf_home"),
+        PYTHONPATH=os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p),
+    )
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill_tree(process.pid)
+        output, _ = process.communicate(timeout=60)
+        pytest.fail(f"2-process launch did not finish in {LAUNCH_TIMEOUT_S} s (a rank hanging?):\n{output[-8000:]}")
+    if process.returncode != 0:
+        pytest.fail(f"2-process launch failed with exit code {process.returncode}:\n{output[-8000:]}")
+
+    results = {}
+    for spec in scenarios:
+        out = run_dir / spec["name"]
+        result = json.loads((out / "result.json").read_text())
+        result["ranks"] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        result["initial"] = torch.load(out / "initial.pt")
+        result["params"] = torch.load(out / "params.pt")
+        results[spec["name"]] = result
+    return results
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("ddp_default"), DEFAULT_SCENARIOS)
+
+
+@pytest.fixture(scope="module")
+def slow_run(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("ddp_slow"), SLOW_SCENARIOS)
+
+
+# ---- references computed in this process -----------------------------------------------------------------------
+
+
+def fresh_model(spec):
+    return ddp_train.build_model(spec)
+
+
+def one_process_trainer(spec, tmp_path):
+    """SmoothTrainer in this process on the scenario's model and data, the global batch in one micro-batch."""
+    seq2seq = spec["model"] in SEQ2SEQ
+    args = training_args(
+        tmp_path, GLOBAL_ROWS, 1, spec["method"], seq2seq=seq2seq, smoothing_fused_loss=spec["fused"],
+        per_device_eval_batch_size=spec["per_device_eval_batch_size"],
+    )
+    trainer_cls = SmoothSeq2SeqTrainer if seq2seq else SmoothTrainer
+    return trainer_cls(
+        model=fresh_model(spec), args=args, train_dataset=ListDataset(spec["train"]), data_collator=PadCollator()
+    )
+
+
+def trained_params(trainer):
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+
+
+def hand_eval(model, spec, examples):
+    """eval metrics by hand: each row alone (no padding), float64 oracles over all scored tokens of the set."""
+    model.eval()
+    logits, targets = [], []
+    with torch.no_grad():
+        for example in examples:
+            z, y = example_logits_and_targets(model, spec["model"], example)
+            logits.append(z)
+            targets.append(y)
+    z, y = torch.cat(logits), torch.cat(targets)
+    keep = y != -100
+    expected = oracle_metrics(z, y)
+    expected["nll_by_cross_entropy"] = F.cross_entropy(z[keep].double(), y[keep]).item()
+    expected["loss"] = oracle_token_losses(z, y, spec["method"], ALPHA).sum().item() / int(keep.sum())
+    return expected
+
+
+def metric_items(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+# ---- checks ----------------------------------------------------------------------------------------------------
+
+
+def rank_tokens(result) -> list[list[int]]:
+    return [[m["local_tokens"] for m in rank["micro_batches"]] for rank in result["ranks"]]
+
+
+def check_training_step(result, spec, tmp_path):
+    """Parameters and logs of the 2-process step equal the oracle and the 1-process SmoothTrainer."""
+    assert result["world_size"] == 2
+    assert result["wrapped_as"] == "DistributedDataParallel"
+    ga = spec["gradient_accumulation_steps"]
+    tokens = rank_tokens(result)
+    assert [len(t) for t in tokens] == [ga, ga], tokens  # each rank took ga micro-batches
+    total = sum(map(sum, tokens))
+    for rank in result["ranks"]:
+        for micro in rank["micro_batches"]:
+            # every micro-batch is divided by the count of the whole step on both ranks, never its own
+            assert micro["num_items_in_batch"] == total, (micro, total)
+            assert math.isfinite(micro["loss"])
+
+    initial = {k: v.detach() for k, v in fresh_model(spec).named_parameters()}
+    assert max_diff(result["initial"], initial) == 0.0  # the ranks built the same model as this process
+
+    reference_model = fresh_model(spec)
+    expected, expected_loss = reference_step(reference_model, spec["model"], spec["train"], spec["method"])
+    trainable = {k for k, v in reference_model.named_parameters() if v.requires_grad}
+    assert max_diff({k: expected[k] for k in trainable}, {k: initial[k] for k in trainable}) > 1e-3  # it moved
+    assert max_diff(result["params"], expected) < 1e-6
+
+    one = one_process_trainer(spec, tmp_path)
+    assert max_diff(result["params"], trained_params(one)) < 1e-6
+    (logged,) = [log for log in result["log_history"] if "nll" in log]  # the step's log (eval logs aside)
+    (reference_log,) = [log for log in one.state.log_history if "nll" in log]
+    assert logged["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    for key in SMOOTH_LOG_KEYS:
+        assert logged[key] == pytest.approx(reference_log[key], rel=1e-5, abs=1e-7), key
+    assert logged["num_tokens_scored"] == total
+    if spec["fused"] and spec["model"] not in SEQ2SEQ:
+        assert result["fused_ran"] and not result["fallback_warnings"]
+    else:
+        assert not result["fused_ran"]
+    return tokens
+
+
+def check_evaluation(result, spec, tmp_path):
+    """2-process evaluate() == 1-process evaluate() == hand oracles, before and after the step."""
+    examples = spec["eval"]
+    assert len(examples) % (2 * spec["per_device_eval_batch_size"]) != 0  # the sampler must duplicate samples
+
+    one = one_process_trainer(spec, tmp_path / "fresh")
+    one_before = metric_items(one.evaluate(ListDataset(examples)))
+    two_before = metric_items(result["eval_before"])
+    assert set(two_before) == set(one_before) and len(two_before) > 10, sorted(two_before)
+    for key, value in one_before.items():
+        assert two_before[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+    expected = hand_eval(fresh_model(spec), spec, examples)
+    assert two_before["eval_num_tokens"] == expected["num_tokens"]  # duplicated samples counted once
+    assert two_before["eval_nll"] == pytest.approx(expected["nll_by_cross_entropy"], rel=1e-6)
+    assert two_before["eval_loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    for name in ["nll", "ppl", "accuracy", "confidence", "ece", "ece_adaptive", "brier", "entropy", "logit_gap",
+                 "logit_norm", "small_logit_frac"]:
+        assert two_before[f"eval_{name}"] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+
+    # After the step: the same comparison on the models each side trained (equal to ~1e-7).
+    trained = one_process_trainer(spec, tmp_path / "trained")
+    trained_params(trained)
+    one_after = metric_items(trained.evaluate(ListDataset(examples)))
+    two_after = metric_items(result["eval_after"])
+    assert set(two_after) == set(one_after)
+    for key, value in one_after.items():
+        assert two_after[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert two_after["eval_num_tokens"] == expected["num_tokens"]
+
+
+def spec_named(scenarios, name):
+    (spec,) = [s for s in scenarios if s["name"] == name]
+    return spec
+
+
+# ---- default run: one launch -----------------------------------------------------------------------------------
+
+RANDOM_DEFAULT = [s["name"] for s in DEFAULT_SCENARIOS if s["sampling"] == "random"]
+EVAL_DEFAULT = [s["name"] for s in DEFAULT_SCENARIOS if s["eval"]]
+assert len(RANDOM_DEFAULT) == 7 and len(EVAL_DEFAULT) == 2
+
+
+@pytest.mark.parametrize("name", RANDOM_DEFAULT)
+def test_two_processes_with_unequal_token_counts_equal_one_process(default_run, name, tmp_path):
+    spec = spec_named(DEFAULT_SCENARIOS, name)
+    tokens = check_training_step(default_run[name], spec, tmp_path)
+    assert sum(tokens[0]) != sum(tokens[1]), tokens  # the premise: the ranks score different numbers of tokens
+
+
+@pytest.mark.parametrize("name", ["llama-ignored-micro-batch", "llama-idle-rank", "llama-fused-idle-rank"])
+def test_all_ignored_micro_batches_on_one_rank(default_run, name, tmp_path):
+    """A rank whose micro-batch (or whole step) scores nothing: no hang, finite loss, the 1-process parameters."""
+    spec = spec_named(DEFAULT_SCENARIOS, name)
+    tokens = check_training_step(default_run[name], spec, tmp_path)
+    if name == "llama-ignored-micro-batch":
+        assert tokens[1][0] == 0 and tokens[1][1] > 0 and min(tokens[0]) > 0, tokens
+    else:
+        assert tokens[1] == [0, 0] and min(tokens[0]) > 0, tokens
+        # the idle rank still took part in the all-reduce: its loss is an exact 0 with a graph
+        assert [m["loss"] for m in default_run[name]["ranks"][1]["micro_batches"]] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", EVAL_DEFAULT)
+def test_two_process_evaluate_equals_one_process_and_oracle(default_run, name, tmp_path):
+    check_evaluation(default_run[name], spec_named(DEFAULT_SCENARIOS, name), tmp_path)
+
+
+# ---- slow run: the other architectures and splits, one more launch --------------------------------------------
+
+SLOW_NAMES = [s["name"] for s in SLOW_SCENARIOS]
+EVAL_SLOW = [s["name"] for s in SLOW_SCENARIOS if s["eval"]]
+assert len(SLOW_NAMES) == 15 and len(EVAL_SLOW) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_NAMES)
+def test_slow_two_processes_equal_one_process(slow_run, name, tmp_path):
+    spec = spec_named(SLOW_SCENARIOS, name)
+    result = slow_run[name]
+    tokens = check_training_step(result, spec, tmp_path)
+    if spec["sampling"] == "sequential":
+        assert tokens[1] == [0, 0] and min(tokens[0]) > 0, tokens
+    if spec["fused"] and spec["model"] in SEQ2SEQ:
+        assert result["fallback_warnings"] and "encoder-decoder" in result["fallback_warnings"][0]
+    if spec["lora"]:
+        changed = {k for k in result["params"] if not torch.equal(result["params"][k], result["initial"][k])}
+        assert changed and all("lora_" in k for k in changed), sorted(changed)
+        assert any("lm_head.lora_B" in k for k in changed)  # the output layer's adapter got a gradient
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EVAL_SLOW)
+def test_slow_two_process_evaluate_equals_one_process_and_oracle(slow_run, name, tmp_path):
+    check_evaluation(slow_run[name], spec_named(SLOW_SCENARIOS, name), tmp_path)
