@@ -2,34 +2,50 @@
 
 Launch commands (from the repository root):
 
-    # Embedded default, offline: SmolLM2-135M-Instruct + LoRA + MaxSup (alpha 0.1) on Shakespeare, ~4 min on 2 CPU cores
-    accelerate launch recipes/clm.py
+    # Embedded default, offline: SmolLM2-135M-Instruct + LoRA + MaxSup (alpha 0.1) on Shakespeare, 40 steps;
+    # 345 s on a shared 2-core CPU (recipes/README.md has the measurements)
+    python recipes/clm.py --output_dir outputs/clm
+    accelerate launch recipes/clm.py --output_dir outputs/clm
 
     # Plain cross-entropy; label smoothing with another seed; MaxSup ramped 0.1 -> 0.2 as in the paper
-    accelerate launch recipes/clm.py --smoothing_method none --output_dir outputs/clm-ce
-    accelerate launch recipes/clm.py --smoothing_method label_smoothing --smoothing_alpha 0.1 \
+    python recipes/clm.py --smoothing_method none --output_dir outputs/clm-ce
+    python recipes/clm.py --smoothing_method label_smoothing --smoothing_alpha 0.1 \
         --output_dir outputs/clm-ls --seed 1
-    accelerate launch recipes/clm.py --smoothing_schedule linear --smoothing_alpha_end 0.2
+    python recipes/clm.py --smoothing_schedule linear --smoothing_alpha_end 0.2 --output_dir outputs/clm-maxsup-ramp
+
+    # All weights instead of LoRA, with activation (gradient) checkpointing
+    python recipes/clm.py --use_lora false --activation_checkpointing true --learning_rate 5e-5 \
+        --output_dir outputs/clm-full
 
     # Two processes on CPU (DDP over gloo), to try multi-process training without a GPU
-    accelerate launch --config_file recipes/configs/cpu_2proc.yaml recipes/clm.py --max_steps 10
+    accelerate launch --config_file recipes/configs/cpu_2proc.yaml recipes/clm.py --max_steps 10 \
+        --output_dir outputs/clm-2proc
 
     # A real setup from a config file; flags after the file override it
     accelerate launch --config_file recipes/configs/multi_gpu.yaml recipes/clm.py \
         recipes/configs/clm_qwen_lora_maxsup.yaml --per_device_train_batch_size 8
 
-    # Your own data: local text/json/csv files or a hub dataset; instruction data with the prompt masked
-    accelerate launch recipes/clm.py --model_name_or_path Qwen/Qwen2.5-0.5B --train_file train.jsonl \
-        --validation_file dev.jsonl --prompt_column prompt --completion_column completion
+    # Your own data: local text/json/csv files or a hub dataset; one padded example per text instead of packing
+    python recipes/clm.py --model_name_or_path HuggingFaceTB/SmolLM2-360M --train_file train.txt \
+        --validation_file dev.txt --packing false --block_size 256
+    python recipes/clm.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name Salesforce/wikitext \
+        --dataset_config_name wikitext-2-raw-v1 --dtype bfloat16 --bf16 true
 
-Output (in --output_dir): the adapter or model, the tokenizer, `metrics.json` (train/eval objective, NLL,
-perplexity, token accuracy, ECE, Brier, entropy, logit statistics), `diagnostics.json` and reliability /
-logit-gap plots. A decoder-only model also translates through this recipe with --prompt_column holding
-"Translate to German: <source>\\n" and --completion_column holding the target.
+    # Instruction data: the prompt's tokens get label -100, only the completion (and eos) is scored
+    python recipes/clm.py --model_name_or_path Qwen/Qwen2.5-0.5B --train_file train.jsonl \
+        --validation_file dev.jsonl --prompt_column prompt --completion_column completion \
+        --lora_target_modules q_proj k_proj v_proj o_proj
+
+Output (in --output_dir): the adapter (LoRA) or the model, the tokenizer, `metrics.json` (train and eval objective,
+NLL, perplexity, token accuracy; eval ECE, Brier, entropy, logit statistics), `diagnostics.json` (reliability bins and
+logit-gap histogram), `eval_reliability.png`, `eval_logit_gap.png` and `log_history.json`. A decoder-only model
+translates through this recipe too, with --prompt_column holding "Translate to German: <source>\\n" and
+--completion_column the target.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -39,11 +55,22 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import LoraArguments, apply_lora, parse_arguments, print_results, write_metrics  # noqa: E402
+from common import (  # noqa: E402
+    EvalDiagnosticsMixin,
+    LogLastStepCallback,
+    LoraArguments,
+    apply_lora,
+    check_local_path,
+    parse_arguments,
+    print_results,
+    training_summary,
+    write_metrics,
+)
 
 from hf_smooth import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DATA_BUILDERS = {"txt": "text", "text": "text", "jsonl": "json", "json": "json", "csv": "csv"}
 
 
 @dataclass
@@ -71,25 +98,50 @@ class DataArguments:
         default=None, metadata={"help": "Instruction data: prompt column; its tokens get label -100 (not scored)."}
     )
     completion_column: str | None = field(default=None, metadata={"help": "Instruction data: completion column."})
-    block_size: int = field(default=128, metadata={"help": "Tokens per training sequence."})
+    block_size: int = field(default=128, metadata={"help": "Tokens per training sequence (longer ones are cut)."})
     packing: bool = field(
         default=True,
-        metadata={"help": "Language modeling: concatenate texts and cut blocks of block_size (no padding). False: "
-                  "one padded example per text, truncated to block_size."},
+        metadata={"help": "Language modeling: concatenate texts (eos between them) and cut blocks of block_size (no "
+                  "padding). False: one padded example per text, truncated to block_size."},
     )
     validation_split_percentage: int = field(
         default=5, metadata={"help": "Held-out share when there is no validation split (the last examples)."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
-    max_eval_samples: int | None = field(default=64, metadata={"help": "Truncate the evaluation set."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep the first N training sequences (0 or unset: all)."}
+    )
+    max_eval_samples: int | None = field(
+        default=64, metadata={"help": "Keep the first N evaluation sequences (0: all)."}
+    )
     embedded_max_chars: int = field(
         default=400_000, metadata={"help": "Embedded corpus only: characters of text to read."}
     )
 
+    def __post_init__(self):
+        if self.dataset_name and self.train_file:
+            raise ValueError("Give --dataset_name or --train_file, not both.")
+        if self.validation_file and not self.train_file:
+            raise ValueError("--validation_file needs --train_file.")
+        if (self.prompt_column is None) != (self.completion_column is None):
+            raise ValueError("Instruction data needs both --prompt_column and --completion_column.")
+        if self.block_size < 2:
+            raise ValueError(f"--block_size must be at least 2 tokens (one input, one target), got {self.block_size}.")
+        if not 0 < self.validation_split_percentage < 100:
+            raise ValueError(
+                f"--validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}."
+            )
+        for path in (self.train_file, self.validation_file):
+            if path is None:
+                continue
+            if not os.path.isfile(path):
+                raise ValueError(f"Data file {path} does not exist.")
+            if path.rsplit(".", 1)[-1] not in DATA_BUILDERS:
+                raise ValueError(f"Data file {path} must end in .txt, .json, .jsonl or .csv.")
+
 
 @dataclass
 class ClmTrainingArguments(SmoothTrainingArguments):
-    """SmoothTrainingArguments with defaults for the embedded CPU run."""
+    """SmoothTrainingArguments with defaults for the embedded CPU run (40 steps: 345 s on a shared 2-core CPU)."""
 
     output_dir: str = field(default="outputs/clm", metadata={"help": "Where the model and metrics go."})
     max_steps: int = field(default=40, metadata={"help": "Optimizer steps (overrides num_train_epochs)."})
@@ -99,9 +151,10 @@ class ClmTrainingArguments(SmoothTrainingArguments):
     warmup_steps: float = field(default=4, metadata={"help": "Linear warmup steps."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N optimizer steps."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpointing strategy."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "Experiment trackers."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
     smoothing_method: str = field(
-        default="maxsup", metadata={"help": "none | label_smoothing | maxsup.", "choices": ["none", "label_smoothing", "maxsup"]}
+        default="maxsup",
+        metadata={"help": "none | label_smoothing | maxsup.", "choices": ["none", "label_smoothing", "maxsup"]},
     )
 
 
@@ -110,7 +163,15 @@ class ClmLoraArguments(LoraArguments):
     use_lora: bool = field(default=True, metadata={"help": "Train LoRA adapters (--use_lora false: all weights)."})
 
 
-# ---- model ---------------------------------------------------------------------------------------------------------
+# What the command line (and a leading .yaml/.json file) is parsed into, in this order.
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, ClmLoraArguments, ClmTrainingArguments)
+
+
+class ClmTrainer(EvalDiagnosticsMixin, SmoothTrainer):
+    """SmoothTrainer that also writes the evaluation's reliability bins and logit-gap histogram."""
+
+
+# ---- model -----------------------------------------------------------------------------------------------------------
 
 
 def load_model(args: ModelArguments):
@@ -120,8 +181,6 @@ def load_model(args: ModelArguments):
         model, tokenizer = load_smollm2(dtype=DTYPES[args.dtype] if args.dtype != "auto" else torch.float32)
         return model, tokenizer, "SmolLM2-135M-Instruct (embedded)"
     path = args.model_name_or_path
-    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
-        raise SystemExit(f"--model_name_or_path {path}: no such local directory.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -129,19 +188,23 @@ def load_model(args: ModelArguments):
         )
     except (OSError, ValueError) as error:
         raise SystemExit(f"Could not load --model_name_or_path {path}: {error}") from error
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"The tokenizer of {path} has no eos token; the recipe ends every text with one.")
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token  # padded label positions are -100 anyway (label_pad_token_id)
     return model, tokenizer, path
 
 
-# ---- data ----------------------------------------------------------------------------------------------------------
+# ---- data ------------------------------------------------------------------------------------------------------------
 
 
 def load_raw_data(args: DataArguments):
-    """A DatasetDict with 'train' and 'validation', and a short description of the source."""
+    """A DatasetDict with 'train' and 'validation', and a short description of the source; checks the columns."""
     from datasets import Dataset, DatasetDict, load_dataset
 
     if args.dataset_name is None and args.train_file is None:
+        if args.prompt_column or args.text_column != "text":
+            raise SystemExit("The embedded corpus is plain text in column 'text'; column flags need your own data.")
         from hf_smooth.assets import default_clm_text
 
         name, text = default_clm_text(max_chars=args.embedded_max_chars)
@@ -150,127 +213,161 @@ def load_raw_data(args: DataArguments):
         return DatasetDict(
             train=Dataset.from_dict({"text": paragraphs[:cut]}),
             validation=Dataset.from_dict({"text": paragraphs[cut:]}),
-        ), name
+        ), f"{name} (embedded, {len(text):,} characters)"
     if args.dataset_name is not None:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        try:
+            raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        except Exception as error:  # offline, unknown name or config: datasets raises several types
+            raise SystemExit(f"Could not load --dataset_name {args.dataset_name}: {error}") from error
         source = args.dataset_name
     else:
         files = {"train": args.train_file}
         if args.validation_file:
             files["validation"] = args.validation_file
-        for path in files.values():
-            if not os.path.isfile(path):
-                raise SystemExit(f"Data file {path} does not exist.")
-        extension = args.train_file.rsplit(".", 1)[-1]
-        builder = {"txt": "text", "jsonl": "json", "json": "json", "csv": "csv"}.get(extension)
-        if builder is None:
-            raise SystemExit(f"--train_file must end in .txt, .json, .jsonl or .csv, got {args.train_file}.")
+        builder = DATA_BUILDERS[args.train_file.rsplit(".", 1)[-1]]
         raw = load_dataset(builder, data_files=files)
         source = args.train_file
+    if "train" not in raw:
+        raise SystemExit(f"{source} has no 'train' split (splits: {list(raw)}).")
     if "validation" not in raw:
         split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, shuffle=False)
         raw = DatasetDict(train=split["train"], validation=split["test"])
-    columns = raw["train"].column_names
     wanted = [args.prompt_column, args.completion_column] if args.prompt_column else [args.text_column]
-    missing = [c for c in wanted if c not in columns]
-    if missing or (args.prompt_column is None) != (args.completion_column is None):
-        raise SystemExit(
-            f"Column(s) {missing or [args.prompt_column, args.completion_column]} not usable; the data has columns "
-            f"{columns}. Set --text_column, or both --prompt_column and --completion_column."
-        )
-    return raw, source
+    for split in ("train", "validation"):
+        columns = raw[split].column_names
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise SystemExit(
+                f"Column(s) {missing} not in the {split} data of {source}, which has columns {columns}. Set "
+                "--text_column, or --prompt_column and --completion_column."
+            )
+    return DatasetDict(train=raw["train"], validation=raw["validation"]), source
 
 
 def tokenize(raw, tokenizer, args: DataArguments):
-    """input_ids/labels per example: packed blocks, padded examples, or prompt-masked instruction pairs."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    """input_ids/attention_mask/labels per example: packed blocks, padded examples, or prompt-masked pairs."""
+    eos = [tokenizer.eos_token_id]
     columns = raw["train"].column_names
+    if not args.prompt_column:
+        # Blank lines of .txt files (and wikitext) would each become a lone eos token.
+        raw = raw.filter(lambda item: bool((item[args.text_column] or "").strip()), desc="Dropping blank texts")
+
+    def columns_of(sequences, labels):
+        return {"input_ids": sequences, "attention_mask": [[1] * len(x) for x in sequences], "labels": labels}
 
     if args.prompt_column:
 
         def encode(batch):
-            out = {"input_ids": [], "labels": []}
+            sequences, labels = [], []
             for prompt, completion in zip(batch[args.prompt_column], batch[args.completion_column]):
                 p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
                 c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
-                ids = (p + c)[: args.block_size]
-                out["input_ids"].append(ids)
-                out["labels"].append(([-100] * len(p) + c)[: args.block_size])
-            return out
+                sequences.append((p + c)[: args.block_size])
+                labels.append(([-100] * len(p) + c)[: args.block_size])
+            return columns_of(sequences, labels)
 
-        return raw.map(encode, batched=True, remove_columns=columns, desc="Tokenizing")
-
-    if not args.packing:
+        data = raw.map(encode, batched=True, remove_columns=columns, desc="Tokenizing")
+    elif not args.packing:
 
         def encode(batch):
-            ids = [x[: args.block_size] for x in tokenizer(batch[args.text_column])["input_ids"]]
-            return {"input_ids": ids, "labels": [list(x) for x in ids]}
+            sequences = []
+            for ids in tokenizer(batch[args.text_column])["input_ids"]:
+                if not ids or ids[-1] != eos[0]:  # some tokenizers' templates already end with eos
+                    ids = ids + eos
+                sequences.append(ids[: args.block_size])
+            return columns_of(sequences, [list(x) for x in sequences])
 
-        return raw.map(encode, batched=True, remove_columns=columns, desc="Tokenizing")
+        data = raw.map(encode, batched=True, remove_columns=columns, desc="Tokenizing")
+    else:
 
-    def encode_and_pack(batch):
-        ids = []
-        for piece in tokenizer(batch[args.text_column], add_special_tokens=False)["input_ids"]:
-            ids.extend(piece + eos)
-        usable = len(ids) // args.block_size * args.block_size
-        blocks = [ids[i : i + args.block_size] for i in range(0, usable, args.block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        def encode_and_pack(batch):
+            ids = []
+            for piece in tokenizer(batch[args.text_column], add_special_tokens=False)["input_ids"]:
+                ids.extend(piece + eos)
+            usable = len(ids) // args.block_size * args.block_size  # the remainder of each 2000-text batch is dropped
+            blocks = [ids[i : i + args.block_size] for i in range(0, usable, args.block_size)]
+            return columns_of(blocks, [list(b) for b in blocks])
 
-    return raw.map(encode_and_pack, batched=True, batch_size=2000, remove_columns=columns, desc="Packing")
+        data = raw.map(encode_and_pack, batched=True, batch_size=2000, remove_columns=columns, desc="Packing")
+
+    # A sequence needs a scored token after the causal shift: drop prompts that filled the whole block and one-token
+    # texts (they would only add all-masked rows).
+    def scorable(item):
+        return any(label != -100 for label in item["labels"][1:])
+
+    for split in list(data):
+        before = len(data[split])
+        data[split] = data[split].filter(scorable, desc="Dropping unscorable")
+        if len(data[split]) < before:
+            print(f"{split}: dropped {before - len(data[split])} of {before} sequences with no token to score "
+                  f"(prompt >= block_size or a single token).", flush=True)
+    return data
 
 
-def main(argv: list[str] | None = None):
+# ---- run -------------------------------------------------------------------------------------------------------------
+
+
+def run(argv: list[str] | None = None):
+    """Parse, check, train, evaluate and save; returns `(metrics, trainer)`."""
     started = time.time()
-    model_args, data_args, lora_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, ClmLoraArguments, ClmTrainingArguments), argv
-    )
+    model_args, data_args, lora_args, training_args = parse_arguments(ARGUMENT_CLASSES, argv)
+    if model_args.model_name_or_path is not None:
+        check_local_path(model_args.model_name_or_path, "--model_name_or_path")
     set_seed(training_args.seed)
+    raw, source = load_raw_data(data_args)  # before the model: a wrong column stops the run in seconds
     model, tokenizer, model_name = load_model(model_args)
-    raw, source = load_raw_data(data_args)
-    data = tokenize(raw, tokenizer, data_args)
+    with training_args.main_process_first(desc="tokenizing"):
+        data = tokenize(raw, tokenizer, data_args)
     train, evaluation = data["train"], data["validation"]
     if data_args.max_train_samples:
         train = train.select(range(min(len(train), data_args.max_train_samples)))
     if data_args.max_eval_samples:
         evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
     if len(train) == 0 or len(evaluation) == 0:
-        raise SystemExit(f"Empty split after tokenization: {len(train)} train / {len(evaluation)} eval examples.")
+        raise SystemExit(
+            f"Empty split after tokenization: {len(train)} train / {len(evaluation)} eval sequences (block_size "
+            f"{data_args.block_size}; with packing a split needs at least block_size tokens)."
+        )
     if lora_args.use_lora:
         if training_args.activation_checkpointing:
+            # Frozen embeddings give checkpointed blocks inputs without grad; reentrant checkpointing would then
+            # leave the adapters without gradient (transformers #42489).
             model.enable_input_require_grads()
         model = apply_lora(model, lora_args, task_type="CAUSAL_LM")
 
-    trainer = SmoothTrainer(
+    trainer = ClmTrainer(
         model=model,
         args=training_args,
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[LogLastStepCallback()],
     )
     train_result = trainer.train()
     eval_metrics = trainer.evaluate()
-    trainer.save_model()
+    trainer.save_model()  # adapter or full model, and the tokenizer (processing_class)
     metrics = {
         "task": "clm", "model": model_name, "data": source, "lora": lora_args.use_lora,
         "smoothing_method": training_args.smoothing_method, "smoothing_alpha": training_args.smoothing_alpha,
         "smoothing_alpha_end": training_args.smoothing_alpha_end, "seed": training_args.seed,
+        "block_size": data_args.block_size, "packing": data_args.packing,
         "train_examples": len(train), "eval_examples": len(evaluation), "world_size": training_args.world_size,
-        **train_result.metrics, **eval_metrics,
+        "global_step": trainer.state.global_step,
+        **train_result.metrics, **training_summary(trainer.state.log_history), **eval_metrics,
     }
-    train_logs = [log for log in trainer.state.log_history if "nll" in log and "eval_nll" not in log]
-    if train_logs:
-        metrics.update({f"train_last_{k}": train_logs[-1][k] for k in ("loss", "nll", "ppl", "token_accuracy")})
     metrics["wall_seconds"] = time.time() - started
     if trainer.is_world_process_zero():
         write_metrics(training_args.output_dir, metrics)
         trainer.save_eval_diagnostics(training_args.output_dir)
         with open(os.path.join(training_args.output_dir, "log_history.json"), "w") as f:
-            import json
-
             json.dump(trainer.state.log_history, f, indent=1)
         print_results(f"clm: {model_name}, {training_args.smoothing_method}", metrics, metrics["wall_seconds"])
-    return metrics
+    return metrics, trainer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(argv)[0]
 
 
 if __name__ == "__main__":
