@@ -15,6 +15,7 @@ gradients over ranks, the loss is multiplied by the number of processes when tha
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -155,7 +156,8 @@ class SmoothLossMixin:
         counts = [
             self._targets(batch, self.model).ne(ignore_index).sum().to(device)
             for batch in batch_samples
-            if isinstance(batch, dict) and ("labels" in batch or "shift_labels" in batch)
+            # transformers' collators return a BatchEncoding (a UserDict, not a dict): accept any Mapping.
+            if isinstance(batch, Mapping) and ("labels" in batch or "shift_labels" in batch)
         ]
         if not counts:
             return None
