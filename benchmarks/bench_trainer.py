@@ -385,9 +385,10 @@ def _build_model(args, dtype):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(dtype)
     else:
-        from hf_smooth.assets import load_smollm2
+        from transformers import AutoModelForCausalLM
 
-        model, _ = load_smollm2(dtype=dtype, cache_dir=args.model_dir)
+        # --model-dir is the converted copy itself (smollm2_local_dir's result), not a cache root to build under.
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     torch.manual_seed(0)  # the same LoRA initialization in every variant
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05, target_modules=LORA_TARGETS,
                       task_type="CAUSAL_LM")

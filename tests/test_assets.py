@@ -482,14 +482,23 @@ def test_smollm2_rebuilt_llama_matches_gguf_and_saves(smollm2_gguf, tmp_path):
 @needs_smollm2
 def test_load_smollm2_cached_dir(smollm2_gguf, tmp_path):
     gguf_model, gguf_tokenizer = smollm2_gguf
-    directory = assets.smollm2_local_dir(tmp_path / "smollm2")
+    root = tmp_path / "cache"  # a cache root that already holds someone else's files (tests/test_asset_cache.py)
+    (root / "nested").mkdir(parents=True)
+    unrelated = {root / "notes.txt": b"mine\n", root / "nested" / "data.bin": bytes(range(256))}
+    for path, content in unrelated.items():
+        path.write_bytes(content)
+    directory = assets.smollm2_local_dir(root)
+    assert directory.parent == root and directory.name.startswith(assets.SMOLLM2_DIR_PREFIX)
     assert (directory / "model.safetensors").is_file() and (directory / "hf_smooth_asset.json").is_file()
-    assert not list(tmp_path.glob("smollm2.tmp-*"))  # staging directory renamed into place
+    assert not list(root.glob("*.tmp-*"))  # staging directory renamed into place
+    assert {path: path.read_bytes() for path in unrelated} == unrelated
     mtime = (directory / "model.safetensors").stat().st_mtime_ns
-    assert assets.smollm2_local_dir(tmp_path / "smollm2") == directory  # second call reuses
+    assert assets.smollm2_local_dir(root) == directory  # second call reuses
     assert (directory / "model.safetensors").stat().st_mtime_ns == mtime
 
-    model, tokenizer = assets.load_smollm2(cache_dir=tmp_path / "smollm2")
+    model, tokenizer = assets.load_smollm2(cache_dir=root)
+    assert (directory / "model.safetensors").stat().st_mtime_ns == mtime
+    assert {path: path.read_bytes() for path in unrelated} == unrelated
     assert tokenizer.pad_token is not None and tokenizer.pad_token_id == model.config.pad_token_id == 2
     assert len(tokenizer) == model.config.vocab_size == 49152
     chat = [{"role": "user", "content": "Who wrote Hamlet?"}]
@@ -503,5 +512,5 @@ def test_load_smollm2_cached_dir(smollm2_gguf, tmp_path):
     nll = torch.nn.functional.cross_entropy(logits, inputs["input_ids"][0, 1:])
     assert nll.item() < 4.0
 
-    half, _ = assets.load_smollm2(dtype=torch.bfloat16, cache_dir=tmp_path / "smollm2")
+    half, _ = assets.load_smollm2(dtype=torch.bfloat16, cache_dir=root)
     assert half.dtype == torch.bfloat16
