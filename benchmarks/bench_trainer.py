@@ -442,8 +442,7 @@ def _make_trainer(name: str, args, data: dict, workdir: str, callbacks=()):
 def _fused_ran(trainer, caught) -> tuple[bool, list[str]]:
     """Whether the fused loss really ran (it warns and falls back when it cannot), and the fallback warnings."""
     fell_back = [str(w.message) for w in caught if "fall" in str(w.message) and "back" in str(w.message)]
-    state = getattr(trainer, "_fused_state", None)
-    return bool(state is not None and state["checked"] and not state["warned"] and not fell_back), fell_back
+    return bool(trainer.fused_loss_active and not fell_back), fell_back
 
 
 def run_variant(name: str, args, data: dict, workdir: str) -> dict:

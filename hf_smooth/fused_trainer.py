@@ -12,6 +12,11 @@ Whatever a model does between its backbone and its logits must be reproduced her
 ``logit_scale`` (Cohere), ``logits_scaling`` (Granite) and ``final_logit_softcapping`` (Gemma 2) are; the first
 fused step checks the reconstruction against the model's own last-position logits and refuses to continue on a
 mismatch, so an unknown head fails loudly instead of training the wrong objective.
+
+Mixed precision: accelerate's autocast wraps ``model.forward`` only, so the loss, computed after the forward
+returns, would run outside it. The hook records the autocast state the backbone ran under, and the projection (and
+the reconstruction check) run under that same state: the projection in the autocast dtype, like the model's own
+``lm_head``, the reductions in float32 (`hf_smooth.fused`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 
 from .modeling import align_targets, is_encoder_decoder, unwrap_model
 
-__all__ = ["fused_forward_loss", "fused_unsupported_reason", "head_transform"]
+__all__ = ["FusedRoute", "fused_unsupported_reason", "head_transform"]
 
 
 def head_transform(config) -> dict:
@@ -65,7 +70,16 @@ def _hidden_of(output) -> torch.Tensor:
     return output[0]
 
 
+def _logits_of(outputs) -> torch.Tensor:
+    return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+
+
 def _check_reconstruction(model_logits: torch.Tensor, hidden: torch.Tensor, head: nn.Module, transform: dict) -> None:
+    """Compare ``head(hidden)`` (+ scale / soft-cap) with the model's own last-position logits.
+
+    Called under the autocast state of the model's forward, so both sides are computed in the same dtype; the
+    tolerance follows that dtype (a bf16 GEMM in another kernel may round differently).
+    """
     with torch.no_grad():
         rebuilt = head(hidden[:, -1:, :]).float()
         if transform["logit_scale"] is not None:
@@ -76,59 +90,68 @@ def _check_reconstruction(model_logits: torch.Tensor, hidden: torch.Tensor, head
         reference = model_logits[:, -1:, :].float()
         error = (rebuilt - reference).abs().max().item()
         scale = reference.abs().max().item() + 1e-6
-    if not error <= 1e-3 * scale + 1e-4:
+    relative = max(1e-3, 8 * torch.finfo(model_logits.dtype).eps)
+    if not error <= relative * scale + 1e-4:
         raise ValueError(
             f"smoothing_fused_loss: the model's logits are not output_layer(backbone hidden states) with the known "
-            f"post-processing (max abs difference {error:.3g} on the last position). This architecture transforms "
-            "its hidden states or logits in a way hf_smooth.fused does not reproduce; set smoothing_fused_loss=False."
+            f"post-processing (max abs difference {error:.3g} on the last position, logits in {model_logits.dtype}). "
+            "This architecture transforms its hidden states or logits in a way hf_smooth.fused does not reproduce; "
+            "set smoothing_fused_loss=False."
         )
 
 
-def fused_forward_loss(trainer, model, inputs, labels, shift_labels, knobs, num_items_in_batch, *,
-                       ignore_index, chunk_size):
-    """One training forward scored by the fused loss: ``(loss, LossComponents, outputs)``, or None to fall back."""
-    from .fused import fused_linear_smoothed_loss_for_module
+class FusedRoute:
+    """The fused training forward of one model, decided once when the trainer first trains it.
 
-    state = trainer._fused_state
-    if state is None:
-        state = trainer._fused_state = {"checked": set(), "warned": False}
-    reason = fused_unsupported_reason(trainer, model)
-    if reason is not None:
-        if not state["warned"]:
-            warnings.warn(f"smoothing_fused_loss=True falls back to materialized logits: {reason}.", stacklevel=3)
-            state["warned"] = True
-        return None
+    Attributes:
+        reason (`str` or `None`): why the fused path cannot run (the trainer then warns once and uses the
+            materialized logits), or None.
+        steps (`int`): fused forwards run so far.
+    """
 
-    base = unwrap_model(model)
-    captured = {}
+    def __init__(self, trainer, model: nn.Module):
+        self.base = unwrap_model(model)
+        self.reason = fused_unsupported_reason(trainer, model)
+        self.transform = head_transform(self.base.config) if self.reason is None else None
+        self.steps = 0
 
-    def capture(_module, _args, output):
-        captured["hidden"] = _hidden_of(output)
+    def __call__(self, model, inputs, labels, shift_labels, knobs, num_items_in_batch, *, shift, ignore_index,
+                 chunk_size):
+        """One training forward scored by the fused loss: ``(loss, LossComponents, outputs)``."""
+        from .fused import fused_linear_smoothed_loss_for_module
 
-    handle = base.base_model.register_forward_hook(capture)
-    try:
-        outputs = model(**inputs, logits_to_keep=1)
-    finally:
-        handle.remove()
-    hidden = captured["hidden"]
-    head = base.get_output_embeddings()
-    transform = head_transform(base.config)
-    if id(base) not in state["checked"]:
-        _check_reconstruction(outputs["logits"] if isinstance(outputs, dict) else outputs[0], hidden, head, transform)
-        state["checked"].add(id(base))
+        captured = {}
 
-    targets = align_targets(
-        labels, shift_labels, shift=trainer._shift(model), sequence_length=hidden.shape[-2], ignore_index=ignore_index
-    ).to(hidden.device)
-    loss, parts = fused_linear_smoothed_loss_for_module(
-        hidden,
-        head,
-        targets,
-        **knobs,
-        **transform,
-        ignore_index=ignore_index,
-        num_items_in_batch=num_items_in_batch,
-        chunk_size=chunk_size,
-        return_components=True,
-    )
-    return loss, parts, outputs
+        def capture(_module, _args, output):
+            captured["hidden"] = _hidden_of(output)
+            device_type = captured["hidden"].device.type
+            captured["autocast"] = (device_type, torch.get_autocast_dtype(device_type),
+                                    torch.is_autocast_enabled(device_type))
+
+        handle = self.base.base_model.register_forward_hook(capture)
+        try:
+            outputs = model(**inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        hidden = captured["hidden"]
+        head = self.base.get_output_embeddings()
+        device_type, autocast_dtype, autocast_on = captured["autocast"]
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            if self.steps == 0:
+                _check_reconstruction(_logits_of(outputs), hidden, head, self.transform)
+            targets = align_targets(
+                labels, shift_labels, shift=shift, sequence_length=hidden.shape[-2], ignore_index=ignore_index
+            ).to(hidden.device)
+            loss, parts = fused_linear_smoothed_loss_for_module(
+                hidden,
+                head,
+                targets,
+                **knobs,
+                **self.transform,
+                ignore_index=ignore_index,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=chunk_size,
+                return_components=True,
+            )
+        self.steps += 1
+        return loss, parts, outputs

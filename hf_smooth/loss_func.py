@@ -39,6 +39,69 @@ def _trainer_counts_shifted(model) -> bool:
     )
 
 
+def _calling_trainer(max_depth: int = 8):
+    """The `transformers.Trainer` whose `compute_loss` called us, found on the call stack (transformers 5.x calls
+    ``self.compute_loss_func(outputs, labels, num_items_in_batch=...)`` from `Trainer.compute_loss`), or None."""
+    import inspect
+
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+        return None
+    finally:
+        del frame
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce(totals: torch.Tensor) -> torch.Tensor:
+    if _world_size() > 1:
+        backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        moved = totals.to(backend_device)
+        torch.distributed.all_reduce(moved)
+        totals = moved.to(totals.device)
+    return totals
+
+
+class _DistributedReducer:
+    """The three collectives `TokenMetrics.gather` uses, from accelerate's functions (no Accelerator needed)."""
+
+    def __init__(self):
+        from accelerate import PartialState
+
+        state = PartialState()
+        self.num_processes, self.device = state.num_processes, state.device
+
+    @staticmethod
+    def reduce(tensor, reduction="sum"):
+        from accelerate.utils import reduce
+
+        return reduce(tensor, reduction=reduction)
+
+    @staticmethod
+    def pad_across_processes(tensor, dim=0, pad_index=0):
+        from accelerate.utils import pad_across_processes
+
+        return pad_across_processes(tensor, dim=dim, pad_index=pad_index)
+
+    @staticmethod
+    def gather(tensor):
+        from accelerate.utils import gather
+
+        return gather(tensor)
+
+
 class SmoothedLoss(TrainerCallback):
     """A ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` computing LS / MaxSup / CE with hf_smooth.
 
@@ -64,7 +127,9 @@ class SmoothedLoss(TrainerCallback):
             self._warn_if_count_differs(model)
         self._state = None
         self._registered = False
+        self._checked_caller = False
         self._parts: torch.Tensor | None = None
+        self._eval_metrics = None  # TokenMetrics of the evaluation in progress (calls under torch.no_grad)
 
     # ---- callback hooks ------------------------------------------------------------------------------------------
 
@@ -89,22 +154,64 @@ class SmoothedLoss(TrainerCallback):
             self._warn_if_count_differs(model)
         return control
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._run_parts = None
+        return control
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or self._parts is None:
+        """Replace the Trainer's `loss` (a mean of per-step means) by the token-weighted objective, so that
+        ``loss == nll + smoothing_penalty`` on every line, and add NLL, perplexity, penalty, alpha and accuracy."""
+        if logs is None:
             return control
+        extra = {}
+        if "train_loss" in logs and getattr(self, "_run_parts", None) is not None:
+            run = LossComponents.from_vector(_all_reduce(self._run_parts.clone())).means()
+            extra["train_loss"] = run["loss"] if run["num_tokens"] else float("nan")
+        if "loss" in logs and self._parts is not None:
+            extra.update(self._window_logs(state))
+        if extra:
+            logs.update(extra)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(extra)
+        return control
+
+    def _window_logs(self, state) -> dict[str, float]:
         totals, self._parts = self._parts, None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(totals)
-        means = LossComponents.from_vector(totals).means()
-        extra = {
+        means = LossComponents.from_vector(_all_reduce(totals)).means()
+        if means["num_tokens"] == 0:
+            warnings.warn(
+                "SmoothedLoss: a whole training logging window scored no token (every label is ignore_index="
+                f"{self.smoothing_args.smoothing_ignore_index}); its loss is reported as NaN. Check the collator's "
+                "label masking.",
+                stacklevel=2,
+            )
+            means = {name: float("nan") for name in means}
+        return {
+            "loss": means["loss"],
             "nll": means["nll"],
             "ppl": means["ppl"],
             "smoothing_penalty": means["regularizer"],
             "smoothing_alpha": self.smoothing_args.alpha_at(max(state.global_step - 1, 0), state.max_steps),
             "token_accuracy": means["accuracy"],
         }
-        logs.update(extra)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """Put the token-weighted evaluation metrics (`eval_nll`, `eval_ppl`, calibration, ...) into the results,
+        as `SmoothTrainer` reports them; `eval_loss` becomes the token-weighted objective."""
+        accumulator, self._eval_metrics = self._eval_metrics, None
+        if metrics is None or accumulator is None:
+            return control
+        prefix = next((k[: -len("_runtime")] for k in metrics if k.endswith("_runtime")), "eval")
+        accumulator = accumulator.gather(_DistributedReducer()) if _world_size() > 1 else accumulator
+        if accumulator.num_tokens == 0:
+            warnings.warn(f"SmoothedLoss: the evaluation ({prefix}) scored no token; {prefix}_loss is NaN.", stacklevel=2)
+            extra = {f"{prefix}_loss": float("nan")}
+        else:
+            results = accumulator.compute()
+            results["smoothing_alpha"] = self.current_alpha
+            extra = {f"{prefix}_{name}": value for name, value in results.items()}
+        metrics.update(extra)
+        if state.log_history and any(k.startswith(prefix) for k in state.log_history[-1]):
             state.log_history[-1].update(extra)
         return control
 
@@ -130,6 +237,8 @@ class SmoothedLoss(TrainerCallback):
         return self.smoothing_args.alpha_at(self._state.global_step, self._state.max_steps)
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
+        if not self._checked_caller:
+            self._check_caller()
         if self._shift is None:
             raise ValueError(
                 "SmoothedLoss does not know whether the logits are shifted: pass model=, register it as a callback "
@@ -142,16 +251,60 @@ class SmoothedLoss(TrainerCallback):
         targets = align_targets(
             labels, None, shift=self._shift, sequence_length=None, ignore_index=options.smoothing_ignore_index
         ).to(logits.device)
-        loss, parts = smoothed_cross_entropy(
-            logits,
-            targets,
+        knobs = dict(
             **options.loss_knobs(self.current_alpha),
             ignore_index=options.smoothing_ignore_index,
-            num_items_in_batch=num_items_in_batch,
-            return_components=True,
             chunk_size=options.smoothing_chunk_size,
+        )
+        if not torch.is_grad_enabled() and self._registered:
+            # Evaluation (Trainer.prediction_step runs under no_grad): per-token losses into the eval metrics.
+            token_loss = smoothed_cross_entropy(logits, targets, reduction="none", **knobs)
+            self._record_eval_batch(logits, targets, token_loss)
+            count = targets.ne(options.smoothing_ignore_index).sum()
+            return token_loss.sum() / count.clamp(min=1)
+        loss, parts = smoothed_cross_entropy(
+            logits, targets, num_items_in_batch=num_items_in_batch, return_components=True, **knobs
         )
         if torch.is_grad_enabled() and self._registered:
             vector = parts.to_vector().double()
             self._parts = vector if self._parts is None else self._parts + vector
+            run = getattr(self, "_run_parts", None)
+            self._run_parts = vector.clone() if run is None else run + vector
         return loss
+
+    def _record_eval_batch(self, logits, targets, token_loss) -> None:
+        from .metrics import TokenMetrics
+
+        options = self.smoothing_args
+        if self._eval_metrics is None:
+            self._eval_metrics = TokenMetrics(
+                num_bins=options.smoothing_ece_bins,
+                ignore_index=options.smoothing_ignore_index,
+                diagnostics=options.smoothing_eval_diagnostics,
+            )
+            if _world_size() > 1:
+                warnings.warn(
+                    "SmoothedLoss evaluation metrics under several processes include the samples the distributed "
+                    "sampler repeats to even out the last batch; SmoothTrainer drops them (gather_for_metrics).",
+                    stacklevel=3,
+                )
+        self._eval_metrics.update(logits.detach(), targets, token_loss=token_loss.detach())
+
+    def _check_caller(self) -> None:
+        """Refuse, at the first call, a Trainer whose `label_smoothing_factor` this loss would silently replace.
+
+        Registered as a callback, `on_init_end` already checked; without it, the calling Trainer is found on the
+        call stack (hf_smooth._compat).
+        """
+        self._checked_caller = True
+        if self._registered:
+            return
+        trainer = _calling_trainer()
+        factor = getattr(getattr(trainer, "args", None), "label_smoothing_factor", 0.0)
+        if factor:
+            raise ValueError(
+                f"label_smoothing_factor={factor} is set together with SmoothedLoss: transformers ignores its "
+                "LabelSmoother when compute_loss_func is given, so the factor would be silently dropped. Set "
+                "label_smoothing_factor=0 and configure the smoothing on SmoothedLoss (and pass it as "
+                "callbacks=[loss] too, which checks this at construction)."
+            )

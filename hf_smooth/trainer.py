@@ -29,6 +29,14 @@ from .modeling import align_targets, is_encoder_decoder, loss_shifts_labels, pre
 __all__ = ["SmoothLossMixin", "SmoothTrainer", "SmoothSeq2SeqTrainer"]
 
 
+def _denominator_value(num_items_in_batch, num_tokens: torch.Tensor) -> torch.Tensor:
+    """The token count a training loss divides by (as `hf_smooth.losses`), as a float tensor >= 1."""
+    if num_items_in_batch is None:
+        return num_tokens.clamp(min=1.0)
+    count = torch.as_tensor(num_items_in_batch, device=num_tokens.device).reshape(-1)[0]
+    return count.to(num_tokens.dtype).clamp(min=1.0)
+
+
 def _logits_of(outputs) -> torch.Tensor:
     return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
 
@@ -79,7 +87,15 @@ class SmoothLossMixin:
         self._train_parts: torch.Tensor | None = None  # LossComponents sums since the last log
         self._eval_accumulator = None  # set by evaluation_loop
         self._pending_eval_stats = None  # per-sample statistics of the current eval batch
-        self._fused_state = None  # hf_smooth.fused_trainer state, created on first fused step
+        self._fused_routes: dict = {}  # id(unwrapped model) -> hf_smooth.fused_trainer.FusedRoute, built once
+        self._fused_warned = False
+        self._run_parts: torch.Tensor | None = None  # the same sums since train() began, for train_loss
+        self._warned_empty: set[str] = set()  # what has been reported as scoring no token (warned once each)
+        from . import _compat  # the one module that touches transformers' / accelerate's internals
+
+        _compat.check_trainer_supported(self)  # loud failure on a Trainer without the hooks the mixin relies on
+        # After train() prepares the model: with several data-parallel processes it must be DDP-wrapped, or raise.
+        self.add_callback(_compat.DDPWrapCheck(self))
 
     # ---- configuration -------------------------------------------------------------------------------------------
 
@@ -107,33 +123,12 @@ class SmoothLossMixin:
 
     # ---- training ------------------------------------------------------------------------------------------------
 
-    def train(self, *args, **kwargs):
-        self._undo_evaluation_only_prepare()
+    def _train(self, *args, **kwargs):
+        from . import _compat
+
+        # evaluate() before train() must not leave the model without its DDP wrapper (see _compat).
+        _compat.undo_evaluation_only_prepare(self)
         return super().train(*args, **kwargs)
-
-    def _undo_evaluation_only_prepare(self) -> None:
-        """Let `train()` wrap the model in DDP when `evaluate()` (or `predict()`) ran first.
-
-        `Trainer.evaluation_loop` prepares a model that was never trained with
-        ``accelerator.prepare_model(model, evaluation_mode=True)``: no DDP wrapper, but the model is marked
-        ``_is_accelerate_prepared`` (accelerate 1.15), so the ``accelerator.prepare(model, optimizer)`` of `train()`
-        returns it unwrapped. Every rank then steps on the gradient of its own micro-batches, never synchronized,
-        silently; and since `compute_loss` scales the loss by the number of processes for DDP's averaging, that step
-        is also num_processes times too large. Found with transformers 5.23 on 2 CPU processes
-        (tests/test_distributed.py, evaluate() then train()). Undo the mark and the accelerator's record of that
-        evaluation-only preparation, so train() prepares the model as if evaluate() had not run. DeepSpeed and FSDP
-        are prepared fully by the evaluation loop and are left alone.
-        """
-        model = self.model
-        if (
-            self.accelerator.num_processes > 1
-            and self.model_wrapped is model
-            and getattr(model, "_is_accelerate_prepared", False)
-            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
-            and not getattr(self, "is_distributed_loading_by_transformers", False)
-        ):
-            model._is_accelerate_prepared = False
-            self.accelerator._models[:] = [m for m in self.accelerator._models if m is not model]
 
     # ---- token count over the accumulation window ----------------------------------------------------------------
 
@@ -197,15 +192,12 @@ class SmoothLossMixin:
         training = model.training
         reduce_kwargs = dict(ignore_index=options.smoothing_ignore_index, chunk_size=options.smoothing_chunk_size)
 
-        fused = None
-        if training and options.smoothing_fused_loss:
-            from .fused_trainer import fused_forward_loss
-
-            fused = fused_forward_loss(
-                self, model, inputs, labels, shift_labels, knobs, num_items_in_batch, **reduce_kwargs
+        route = self._fused_route(model) if training and options.smoothing_fused_loss else None
+        if route is not None:
+            loss, parts, outputs = route(
+                model, inputs, labels, shift_labels, knobs, num_items_in_batch, shift=self._shift(model),
+                **reduce_kwargs,
             )
-        if fused is not None:
-            loss, parts, outputs = fused
         else:
             outputs = model(**inputs)
             logits = _logits_of(outputs)
@@ -226,7 +218,8 @@ class SmoothLossMixin:
                 self._record_eval_batch(logits, targets, token_loss)
 
         if training:
-            self._accumulate_train_parts(parts)
+            loss, aux_sums = self._add_router_aux_loss(model, outputs, loss, parts.num_tokens, num_items_in_batch)
+            self._accumulate_train_parts(parts, aux_sums)
             if (
                 num_items_in_batch is not None
                 and self.args.average_tokens_across_devices
@@ -236,25 +229,117 @@ class SmoothLossMixin:
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    # ---- fused route ---------------------------------------------------------------------------------------------
+
+    def _fused_route(self, model: nn.Module):
+        """The fused route of this model (built once), or None after warning once why it cannot run."""
+        from .fused_trainer import FusedRoute
+
+        key = id(unwrap_model(model))
+        route = self._fused_routes.get(key)
+        if route is None:
+            route = self._fused_routes[key] = FusedRoute(self, model)
+        if route.reason is None:
+            return route
+        if not self._fused_warned:
+            warnings.warn(f"smoothing_fused_loss=True falls back to materialized logits: {route.reason}.", stacklevel=3)
+            self._fused_warned = True
+        return None
+
+    @property
+    def fused_fallback_reason(self) -> str | None:
+        """Why `smoothing_fused_loss=True` fell back to materialized logits for the model being trained (None when
+        the fused path runs, when it is off, or before the first training step)."""
+        route = self._fused_routes.get(id(unwrap_model(self.model)))
+        return None if route is None else route.reason
+
+    @property
+    def fused_loss_active(self) -> bool:
+        """True once a training step of the current model was scored by the fused loss (hf_smooth.fused)."""
+        route = self._fused_routes.get(id(unwrap_model(self.model)))
+        return bool(route is not None and route.reason is None and route.steps > 0)
+
+    # ---- mixture-of-experts load balancing -----------------------------------------------------------------------
+
+    def _add_router_aux_loss(self, model, outputs, loss, num_tokens, num_items_in_batch):
+        """Add a MoE model's load-balancing loss, which transformers adds only when `labels` reach the model.
+
+        Mixtral, Qwen2/3-MoE, OLMoE, ... return ``aux_loss`` when ``output_router_logits=True`` and add
+        ``router_aux_loss_coef * aux_loss`` to their loss only if given labels, which this trainer pops. The term is
+        a statistic of the whole micro-batch (a product of two batch means), so it is weighted by the micro-batch's
+        share of the scored tokens of the optimizer step (``num_tokens / num_items_in_batch``): the weights of one
+        step sum to 1 over micro-batches and ranks, so the term does not grow with the accumulation steps or the
+        number of processes, and with one micro-batch it is exactly the model's own ``loss`` term.
+
+        Returns ``(loss, sums)``, where ``sums = [aux * n, coef * aux * n]`` (detached, float64) for logging.
+        """
+        aux = outputs.get("aux_loss") if isinstance(outputs, Mapping) else None
+        if aux is None:
+            return loss, None
+        config = getattr(unwrap_model(model), "config", None)
+        coef = getattr(config, "router_aux_loss_coef", None)
+        if coef is None:
+            raise ValueError(
+                f"{type(unwrap_model(model)).__name__} returned an aux_loss but its config has no "
+                "router_aux_loss_coef, so hf_smooth cannot add it as transformers would. Set "
+                "config.router_aux_loss_coef (0 to train without it) or output_router_logits=False."
+            )
+        aux = aux.to(loss.device).float()
+        n = num_tokens.to(loss.device, torch.float32)
+        share = n / _denominator_value(num_items_in_batch, n)
+        loss = loss + float(coef) * aux * share
+        sums = torch.stack([aux.detach().double() * n.double(), float(coef) * aux.detach().double() * n.double()])
+        return loss, sums
+
     # ---- training metrics ----------------------------------------------------------------------------------------
 
-    def _accumulate_train_parts(self, parts: LossComponents) -> None:
+    def _accumulate_train_parts(self, parts: LossComponents, aux_sums: torch.Tensor | None) -> None:
         vector = parts.to_vector().detach().double()
+        extra = torch.zeros(2, dtype=vector.dtype, device=vector.device) if aux_sums is None else aux_sums
+        vector = torch.cat([vector, extra.to(vector.device)])
         self._train_parts = vector if self._train_parts is None else self._train_parts + vector
+        self._run_parts = vector.clone() if self._run_parts is None else self._run_parts + vector
+
+    def _train_means(self, totals: torch.Tensor) -> dict[str, float] | None:
+        """Token-weighted means of accumulated sums (all ranks), or None when they hold no scored token."""
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        num_fields = len(LossComponents.FIELDS)
+        means = LossComponents.from_vector(totals[:num_fields]).means()
+        count = means["num_tokens"]
+        if count == 0:
+            return None
+        aux, aux_term = (totals[num_fields:] / count).tolist()
+        means["aux_loss"], means["objective"] = aux, means["loss"] + aux_term
+        return means
+
+    def train(self, *args, **kwargs):
+        self._run_parts = None
+        output = self._train(*args, **kwargs)
+        # `log` replaced metrics["train_loss"] by the token-weighted objective; TrainOutput carries the old mean.
+        train_loss = output.metrics.get("train_loss", output.training_loss)
+        return type(output)(output.global_step, train_loss, output.metrics)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add token-weighted NLL, perplexity, penalty, alpha, confidence and accuracy to each training log.
+        """Report the token-weighted objective as `loss` (and `train_loss`), with NLL, perplexity, penalty, alpha,
+        confidence, accuracy and the MoE `aux_loss` beside it, so that on every line
+        ``loss == nll + smoothing_penalty + router_aux_loss_coef * aux_loss``.
 
-        Called on every rank by `Trainer` at logging steps; the sums are all-reduced here, so the logged values
-        are over all tokens of all ranks since the previous log.
+        `Trainer` logs the mean of per-step losses, which weights steps equally whatever their token counts. Called
+        on every rank at logging steps; the sums are all-reduced here, over all tokens of all ranks since the
+        previous log.
         """
         if "loss" in logs and self._train_parts is not None:
             totals, self._train_parts = self._train_parts, None
-            if self.accelerator.num_processes > 1:
-                totals = self.accelerator.reduce(totals, reduction="sum")
-            means = LossComponents.from_vector(totals).means()
+            means = self._train_means(totals)
+            if means is None:
+                self._warn_empty("training logging window")
+                means = dict.fromkeys(("objective", "nll", "ppl", "regularizer", "top1_prob", "accuracy",
+                                       "logit_gap", "aux_loss"), float("nan"))
+                means["num_tokens"] = 0.0
             logs.update(
                 {
+                    "loss": means["objective"],
                     "nll": means["nll"],
                     "ppl": means["ppl"],
                     "smoothing_penalty": means["regularizer"],
@@ -267,7 +352,26 @@ class SmoothLossMixin:
                     "num_tokens_scored": means["num_tokens"],
                 }
             )
+            if totals[len(LossComponents.FIELDS):].abs().sum() > 0 or self._has_router_aux():
+                logs["aux_loss"] = means["aux_loss"]
+        if "train_loss" in logs and self._run_parts is not None:
+            means = self._train_means(self._run_parts)
+            logs["train_loss"] = float("nan") if means is None else means["objective"]
         super().log(logs, start_time)
+
+    def _has_router_aux(self) -> bool:
+        config = getattr(unwrap_model(self.model), "config", None)
+        return bool(getattr(config, "output_router_logits", False))
+
+    def _warn_empty(self, what: str) -> None:
+        if what not in self._warned_empty:
+            warnings.warn(
+                f"hf_smooth: a whole {what} scored no token (every label is ignore_index="
+                f"{self.smoothing_args.smoothing_ignore_index}); its loss and metrics are reported as NaN. Check the "
+                "collator's label masking (prompt masking, truncation, padding).",
+                stacklevel=3,
+            )
+            self._warned_empty.add(what)
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
 
@@ -332,7 +436,11 @@ class SmoothLossMixin:
             accumulator = self._eval_accumulator
         finally:
             self._eval_accumulator = None
-        if accumulator.num_tokens > 0:
+        if accumulator.num_tokens == 0:
+            if f"{metric_key_prefix}_loss" in output.metrics:
+                self._warn_empty(f"evaluation ({metric_key_prefix})")
+                output.metrics[f"{metric_key_prefix}_loss"] = float("nan")
+        else:
             results = accumulator.compute()
             # Token-weighted over the whole set (Trainer's eval_loss is a mean of per-batch means).
             output.metrics[f"{metric_key_prefix}_loss"] = results.pop("loss")

@@ -329,7 +329,7 @@ class LogitLengths:
 
 
 def assert_fused_ran(trainer, logit_lengths: LogitLengths, caught) -> None:
-    assert trainer._fused_state is not None and trainer._fused_state["checked"], "the fused path never ran"
+    assert trainer.fused_loss_active, "the fused path never ran"
     assert logit_lengths.lengths and set(logit_lengths.lengths) == {1}, logit_lengths.lengths
     fallbacks = [str(w.message) for w in caught if is_fallback_warning(w.message)]
     assert not fallbacks, fallbacks
@@ -395,7 +395,7 @@ def test_fused_falls_back_cleanly_for_encoder_decoder(name, tmp_path):
         fused, trainer = train_once(name, 2, 2, "maxsup", tmp_path / "fused", examples, smoothing_fused_loss=True)
     fallbacks = [str(w.message) for w in caught if is_fallback_warning(w.message)]
     assert len(fallbacks) == 1 and "encoder-decoder" in fallbacks[0], fallbacks  # warned once, not per micro-batch
-    assert not trainer._fused_state["checked"]
+    assert not trainer.fused_loss_active and "encoder-decoder" in trainer.fused_fallback_reason
     assert max_diff(fused, unfused) < 1e-7
     assert max_diff(fused, expected) < 1e-6
     for key in SMOOTH_LOG_KEYS:

@@ -135,12 +135,11 @@ def run(run_dir, scenario):
         assert all(math.isfinite(v.abs().max().item()) for v in params.values())
         torch.save(initial, os.path.join(out, "initial.pt"))
         torch.save(params, os.path.join(out, "params.pt"))
-        fused_state = trainer._fused_state
         result = {
             "log_history": trainer.state.log_history,
             "eval_before": eval_before,
             "eval_after": eval_after,
-            "fused_ran": bool(fused_state and fused_state["checked"]),
+            "fused_ran": trainer.fused_loss_active,
             "fallback_warnings": fallback,
             "world_size": args.world_size,
             # after train(): the model the optimizer stepped must have been wrapped for gradient synchronization

@@ -1,0 +1,185 @@
+"""The one seam between hf_smooth and the internals of transformers / accelerate (peft, trl).
+
+Every reliance on upstream state that is private, or only exists from some version on, lives here, each with the
+versions it was written against and a loud failure when that state is missing, so that an upgrade breaks in one
+known place with a message saying what changed instead of training silently wrong.
+
+Written against: transformers 5.19-5.24, accelerate 1.4-1.15 (the floors CI proves are in pyproject.toml and the
+minimum-versions leg of .ci/run).
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+import transformers
+from transformers import Trainer, TrainerCallback
+
+__all__ = [
+    "TRANSFORMERS_MIN",
+    "DDPWrapCheck",
+    "check_model_wrapped_for_ddp",
+    "check_trainer_supported",
+    "expects_ddp",
+    "undo_evaluation_only_prepare",
+]
+
+# transformers PR #49240 (first released in 5.19.0): the class attribute `Trainer.loss_is_scaled_for_ga`, read by
+# `training_step` to skip its division by the accumulation steps. Before it, a loss already divided by the token
+# count of the whole accumulation window was divided by the number of accumulation steps again whenever the
+# model's forward takes no `**kwargs`, silently.
+TRANSFORMERS_MIN = "5.19.0"
+# The newest versions each touch below was checked against.
+WRITTEN_AGAINST = {"transformers": "5.24.0", "accelerate": "1.15.0"}
+
+
+class UnsupportedVersionError(RuntimeError):
+    """An installed transformers / accelerate lacks state that hf_smooth relies on."""
+
+
+def _needs(what: str, *, package: str = "transformers", minimum: str = TRANSFORMERS_MIN) -> UnsupportedVersionError:
+    import accelerate
+
+    installed = {"transformers": transformers.__version__, "accelerate": accelerate.__version__}[package]
+    return UnsupportedVersionError(
+        f"hf_smooth needs {package} >= {minimum}, installed: {package} {installed}. {what} "
+        f"Install a supported version (pip install '{package}>={minimum}'). If {installed} is newer than "
+        f"{WRITTEN_AGAINST[package]}, the last version hf_smooth was checked with, upstream changed an internal "
+        "that hf_smooth/_compat.py relies on: please report it."
+    )
+
+
+# ---- transformers: the Trainer hooks SmoothLossMixin overrides or relies on -------------------------------------
+
+
+def check_trainer_supported(trainer: Trainer) -> None:
+    """Fail at construction if the Trainer lacks a hook `SmoothLossMixin` relies on (written against 5.19-5.24).
+
+    - `Trainer.loss_is_scaled_for_ga`, declared on `Trainer` and read by the trainer module (`training_step`):
+      without it every micro-batch loss is divided by the accumulation steps a second time.
+    - `Trainer.get_batch_samples(epoch_iterator, num_batches, device)`: where the mixin counts the tokens of
+      the whole accumulation window.
+    - `Trainer.compute_loss(model, inputs, return_outputs, num_items_in_batch)`: where that count arrives.
+    """
+    if not isinstance(trainer, Trainer):
+        raise TypeError(
+            f"{type(trainer).__name__} is not a transformers.Trainer: put SmoothLossMixin before a Trainer class, "
+            "e.g. class MyTrainer(SmoothLossMixin, Trainer)."
+        )
+    if "loss_is_scaled_for_ga" not in vars(Trainer) or not _trainer_module_reads("self.loss_is_scaled_for_ga"):
+        raise _needs(
+            f"{type(trainer).__name__} computes a loss already normalized over the accumulation window and tells "
+            "Trainer.training_step so through `Trainer.loss_is_scaled_for_ga` (transformers PR #49240), which this "
+            "transformers does not have or does not read; its loss and gradients would be divided by the "
+            "gradient accumulation steps twice."
+        )
+    _check_parameters("get_batch_samples", ["self", "epoch_iterator", "num_batches", "device"])
+    _check_parameters("compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"])
+
+
+def _trainer_module_reads(expression: str) -> bool:
+    """Whether transformers' trainer module reads `expression` (the source, so a refactor inside it still counts)."""
+    try:
+        source = inspect.getsource(inspect.getmodule(Trainer))
+    except (OSError, TypeError):  # no source shipped (e.g. a frozen install): trust the declaration
+        return True
+    return expression in source
+
+
+def _check_parameters(name: str, expected: list[str]) -> None:
+    found = list(inspect.signature(getattr(Trainer, name)).parameters)
+    if found[: len(expected)] != expected:
+        raise _needs(
+            f"SmoothLossMixin overrides Trainer.{name}({', '.join(expected[1:])}), but this transformers defines "
+            f"Trainer.{name}({', '.join(found[1:])})."
+        )
+
+
+# ---- accelerate: DDP after an evaluation-only preparation -------------------------------------------------------
+
+
+def expects_ddp(trainer: Trainer) -> bool:
+    """Whether `train()` must wrap the model in `DistributedDataParallel`: several processes of a plain
+    data-parallel launch (accelerate's `MULTI_*` distributed types), a trainable model, and none of the setups that
+    synchronize gradients another way (DeepSpeed, FSDP, tensor parallelism, transformers' distributed loading)."""
+    accelerator = trainer.accelerator
+    distributed_type = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    parallelism = getattr(accelerator, "parallelism_config", None)  # accelerate >= 1.10; absent before
+    return (
+        accelerator.num_processes > 1
+        and distributed_type.startswith("MULTI_")
+        and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)
+        and not (parallelism is not None and getattr(parallelism, "tp_enabled", False))
+        and not getattr(trainer, "is_distributed_loading_by_transformers", False)  # transformers >= 5.19 feature
+        and any(p.requires_grad for p in trainer.model.parameters())
+    )
+
+
+def undo_evaluation_only_prepare(trainer: Trainer) -> None:
+    """Let `train()` wrap the model in DDP when `evaluate()` (or `predict()`) ran first.
+
+    `Trainer.evaluation_loop` prepares a model that was never trained with
+    ``accelerator.prepare_model(model, evaluation_mode=True)``: no DDP wrapper, but accelerate marks the model
+    ``_is_accelerate_prepared`` and records it in ``Accelerator._models``; the ``accelerator.prepare(model,
+    optimizer)`` of `train()` then returns it unwrapped ("can't double wrap"). Every rank would step on the gradient
+    of its own micro-batches, never synchronized, and, since `compute_loss` scales the loss by the number of
+    processes for DDP's averaging, num_processes times too large. Found with transformers 5.23 / accelerate 1.15 on
+    2 CPU processes (tests/test_distributed.py, evaluate() then train()). Undo the mark and the record so that
+    `train()` prepares the model as if evaluate() had not run.
+
+    Touches accelerate private state (written against accelerate 1.15): ``model._is_accelerate_prepared`` and
+    ``Accelerator._models``. Should accelerate rename the mark, nothing is undone here, and `DDPWrapCheck` raises at
+    the start of training instead of letting the ranks drift apart.
+    """
+    model = trainer.model
+    if not (expects_ddp(trainer) and trainer.model_wrapped is model):
+        return
+    if not getattr(model, "_is_accelerate_prepared", False):
+        return  # not prepared by an evaluation (or accelerate renamed the mark: DDPWrapCheck will say so)
+    models = getattr(trainer.accelerator, "_models", None)
+    if not isinstance(models, list):
+        raise _needs(
+            "after evaluate(), train() must re-prepare the model for DDP, which needs accelerate's "
+            "Accelerator._models list (written against accelerate 1.15); this accelerate has none.",
+            package="accelerate",
+            minimum="1.4.0",
+        )
+    model._is_accelerate_prepared = False
+    models[:] = [m for m in models if m is not model]
+
+
+def check_model_wrapped_for_ddp(trainer: Trainer) -> None:
+    """Post-condition of `train()`'s preparation: with several data-parallel processes the model that trains is a
+    `DistributedDataParallel` (possibly under `torch.compile`), or the ranks would never synchronize gradients."""
+    if not expects_ddp(trainer):
+        return
+    model = trainer.model_wrapped
+    while hasattr(model, "_orig_mod") and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model._orig_mod  # torch.compile's OptimizedModule around the DDP wrapper
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        import accelerate
+
+        raise RuntimeError(
+            f"train() prepared the model for {trainer.accelerator.num_processes} processes "
+            f"({trainer.accelerator.distributed_type}) but did not wrap it in DistributedDataParallel (got "
+            f"{type(trainer.model_wrapped).__name__}): each rank would step on its own gradients, never synchronized. "
+            "This happens when the model was prepared earlier for evaluation only (evaluate() or predict() before "
+            "train()) and hf_smooth could not undo that preparation with this accelerate "
+            f"({accelerate.__version__}) and transformers ({transformers.__version__}); hf_smooth._compat was written "
+            "against accelerate 1.4-1.15 and transformers 5.19-5.24. Work around it by calling train() before "
+            "evaluate(), and please report it."
+        )
+
+
+class DDPWrapCheck(TrainerCallback):
+    """Checks `check_model_wrapped_for_ddp` at `on_train_begin`: after `train()` prepared the model, before step 1."""
+
+    def __init__(self, trainer: Trainer):
+        self._trainer = weakref.ref(trainer)  # the trainer holds this callback: no reference cycle
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None:
+            check_model_wrapped_for_ddp(trainer)
