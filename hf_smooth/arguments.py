@@ -128,8 +128,8 @@ class SmoothingArguments:
         for name, value in values.items():
             if self.smoothing_method == "label_smoothing" and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value}: label smoothing epsilon must be in [0, 1].")
-            if self.smoothing_method == "maxsup" and not value >= 0.0:
-                raise ValueError(f"{name}={value}: the MaxSup alpha must be >= 0.")
+            if self.smoothing_method == "maxsup" and not (value >= 0.0 and value < float("inf")):  # NaN fails both
+                raise ValueError(f"{name}={value}: the MaxSup alpha must be a finite number >= 0.")
         if self.smoothing_schedule == "linear" and self.smoothing_alpha_end is None:
             raise ValueError("smoothing_schedule='linear' needs smoothing_alpha_end (e.g. 0.2 for MaxSup's 0.1 -> 0.2).")
         if self.smoothing_schedule == "constant" and self.smoothing_alpha_end is not None:

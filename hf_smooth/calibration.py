@@ -15,10 +15,20 @@ by Newton steps that fall back to bisection (in ``log beta``) whenever a step wo
 a handful of passes, needs no learning rate, and returns a bound of ``temperature_bounds`` when the optimum lies
 beyond it (e.g. a model that is right on every token with the top logit: ``T -> 0``).
 
+Precision: each pass works in float64 whatever the logits dtype, and forms ``f'`` as ``sum_k p_k (z_k - z_y)``
+rather than ``E_p[z] - z_y``. Near a bound the true ``f'`` is tiny (a confident model at ``T = 0.05`` puts
+``p ~ 1e-20`` on the runner-up): ``E_p[z] - z_y`` cancels to float32 round-off there (about ``1e-6 * |z|``), so a
+float32 search read ``f' = 0`` or the wrong sign and stopped early, e.g. at ``T = 0.04`` with ``at_bound=False``.
+One case is decided without a search: when every scored token's label holds its largest logit (and some token has
+a smaller finite one), every term of ``f'`` is negative at every ``beta``, so the NLL falls all the way to ``T -> 0``
+and the fit returns the lower bound with ``at_bound=True``. (A search would stall there anyway: for large enough
+``beta`` every ``p_k``, ``k != y``, underflows even in float64 and ``f'`` reads exactly 0.)
+
 Inputs: stored logits (``fit_temperature``) or, for evaluation sets whose logits do not fit in memory, any
 re-iterable source of ``(logits, labels)`` batches, such as a function that re-runs the model
 (``fit_temperature_from_batches``). Ignored positions (NaN allowed there) and ``-inf`` logits follow the rules of
-hf_smooth.losses. Each pass processes the logits in row chunks in float32 (float64 for float64 logits).
+hf_smooth.losses. Each pass processes the logits in row chunks (half as many rows per chunk as the loss uses, as the
+temporaries are float64).
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .losses import _check_inputs, _check_label_range, compute_dtype, row_chunks
+from .losses import _CHUNK_ELEMENTS, _check_inputs, _check_label_range, row_chunks
 from .metrics import TokenMetrics, _row_reader
 
 __all__ = ["TemperatureResult", "fit_temperature", "fit_temperature_from_batches"]
@@ -67,17 +77,23 @@ class TemperatureResult:
 
 
 class _Objective:
-    """One pass over the data: mean NLL and its first two derivatives in ``beta``."""
+    """One pass over the data: mean NLL and its first two derivatives in ``beta``, in float64.
+
+    Each pass also counts the tokens whose label is not an argmax (``wrong``) and those with a finite logit below
+    the label's (``spread``): ``wrong == 0 < spread`` means ``f' < 0`` at every ``beta`` (module docstring).
+    """
 
     def __init__(self, batches: Callable[[], Batches], ignore_index: int, chunk_size: int | None):
-        self.batches, self.ignore_index, self.chunk_size = batches, ignore_index, chunk_size
+        self.batches, self.ignore_index = batches, ignore_index
+        self.chunk_size = chunk_size
         self.passes = 0
+        self.wrong = self.spread = 0
 
     @torch.no_grad()
     def __call__(self, beta: float, metrics: TokenMetrics | None = None) -> tuple[float, float, float, int]:
         self.passes += 1
         nll = grad = curv = 0.0
-        count = 0
+        count = wrong = spread = 0
         for logits, labels in self.batches():
             _check_inputs(logits, labels, self.ignore_index)
             num_classes = logits.shape[-1]
@@ -87,35 +103,44 @@ class _Objective:
             take_rows = _row_reader(logits)
             target = labels.reshape(-1).to(device=logits.device, dtype=torch.long)
             valid_all = target != self.ignore_index
-            cdtype = compute_dtype(logits.dtype)
-            for rows in row_chunks(target.shape[0], num_classes, self.chunk_size):
+            # float64 temporaries: half the rows of the loss's float32 chunk, so the same bytes.
+            chunk = self.chunk_size or max(1, (_CHUNK_ELEMENTS // 2) // max(1, num_classes))
+            for rows in row_chunks(target.shape[0], num_classes, chunk):
                 index = valid_all[rows].nonzero().squeeze(-1) + rows.start
                 if index.numel() == 0:
                     continue
-                z = take_rows(index).to(cdtype)  # ignored rows never enter the arithmetic
+                z = take_rows(index).to(torch.float64)  # ignored rows never enter the arithmetic
                 y = target.index_select(0, index)
-                scaled = z * beta
-                zmax = scaled.max(dim=-1, keepdim=True).values
-                expo = (scaled - zmax).exp()
+                zmax = z.max(dim=-1, keepdim=True).values
+                z_y = z.gather(-1, y.unsqueeze(-1))
+                expo = (z - zmax).mul_(beta).exp_()  # -inf entries: exp(-inf) = 0
                 sum_exp = expo.sum(dim=-1, keepdim=True)
                 prob = expo.div_(sum_exp)
+                # z_k - z_y, 0 at -inf entries (p = 0 there; avoids 0 * inf). f' per token is sum_k p_k (z_k - z_y):
+                # each term formed before weighting, so no cancellation between E_p[z] and z_y (module docstring).
+                diff = z - z_y
                 neginf = torch.isneginf(z)
-                z_finite = torch.where(neginf, 0.0, z) if bool(neginf.any()) else z  # p = 0 there; avoid 0 * inf
-                mean_z = (prob * z_finite).sum(dim=-1)
-                var_z = (prob * (z_finite - mean_z.unsqueeze(-1)).square()).sum(dim=-1)
-                z_y = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-                lse = (zmax.squeeze(-1) + sum_exp.squeeze(-1).log())
-                nll += float((lse - beta * z_y).double().sum())
-                grad += float((mean_z - z_y).double().sum())
-                curv += float(var_z.double().sum())
+                masked = bool(neginf.any())
+                if masked:
+                    diff = diff.masked_fill_(neginf, 0.0)
+                slope = (prob * diff).sum(dim=-1, keepdim=True)
+                var_z = (prob * (diff - slope).square()).sum(dim=-1)
+                # logsumexp(beta z) - beta z_y = log sum exp(beta (z - z_max)) + beta (z_max - z_y)
+                nll += float((sum_exp.log() + beta * (zmax - z_y)).sum())
+                grad += float(slope.sum())
+                curv += float(var_z.sum())
                 count += int(index.numel())
+                zmin = (z.masked_fill(neginf, math.inf) if masked else z).min(dim=-1, keepdim=True).values
+                wrong += int((zmax > z_y).sum())
+                spread += int((zmin < z_y).sum())
         if count == 0:
             raise ValueError("No scored token (every label equals ignore_index): cannot fit a temperature.")
         if not (math.isfinite(nll) and math.isfinite(grad) and math.isfinite(curv)):
             raise ValueError(
                 f"The NLL at temperature {1.0 / beta:.6g} is not finite: the logits hold NaN or +inf at scored "
-                "positions."
+                "positions, or -inf at a label's own entry (p_y = 0 at every temperature)."
             )
+        self.wrong, self.spread = wrong, spread
         return nll / count, grad / count, curv / count, count
 
 
@@ -177,6 +202,10 @@ def fit_temperature_from_batches(
     # a Newton point that leaves the bracket or fails to halve the previous step is replaced by bisection in log beta.
     lo, hi = beta_lo, beta_hi
     lo_known = hi_known = at_bound = False
+    if objective.wrong == 0 and objective.spread > 0:
+        # Every label is an argmax and some token has a smaller logit: f' < 0 for every beta (module docstring), so
+        # the minimum over the bounds is at the largest beta, the lowest temperature. No search to stall on underflow.
+        beta, g, at_bound = beta_hi, 0.0, True
     previous_step = math.inf
     while g != 0.0 and objective.passes < max_passes:
         if g > 0.0:  # the optimum has a smaller beta (a higher temperature)

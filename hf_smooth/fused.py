@@ -54,6 +54,7 @@ from .losses import (
     _check_label_range,
     _check_options,
     _denominator,
+    _refuse_double_backward,
     chunk_forward,
     chunk_logit_grad,
     compute_dtype,
@@ -299,6 +300,7 @@ class _FusedLinearSmoothedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_sums):
+        _refuse_double_backward("fused_linear_smoothed_loss")
         if ctx.plan.grad_in_forward:
             # Saved with save_for_backward, so autograd drops our reference right after this call (unless the graph
             # is retained) and AccumulateGrad adopts the float32 dW as weight.grad without a copy. Never modified in
@@ -483,7 +485,7 @@ def fused_linear_smoothed_loss(
         raise ValueError("The fairseq convention spreads eps over K - 1 classes and needs K >= 2.")
     head = _resolve_head(logit_scale, final_logit_softcapping)
     flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
-    _check_label_range(flat_labels, vocab_size, ignore_index)
+    _check_label_range(labels, vocab_size, ignore_index)  # the labels as given: it names a narrow dtype
 
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):

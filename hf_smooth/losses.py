@@ -32,6 +32,16 @@ Rules chosen for inputs the maths leaves open (each is tested):
 - A logit equal to ``-inf`` marks a vocabulary entry as absent for that token (masked or padded vocabulary):
   ``K`` counts the other entries and ``mean z`` is taken over them, and the entry gets zero gradient. ``+inf`` and
   NaN in a scored row are not hidden: the loss is NaN, as the model really produced garbage.
+- A ``-inf`` at the label's own entry means ``p_y = 0``: the token's loss is ``+inf`` for every method, as
+  ``F.cross_entropy`` gives (the soft target keeps ``1 - eps + eps / K > 0`` on ``y``), not ``inf - inf = NaN``.
+  The gradient stays finite, as PyTorch's does: ``softmax(z) - a * onehot(y) + ...`` with ``p_y = 0``, i.e.
+  ``-a`` at ``y`` (PyTorch's ``-a - u / K`` counts the entry in ``K``; here it is absent from the mean, as above).
+  In [`LossComponents`] ``nll`` and ``loss`` are ``+inf`` and the label-smoothing part of ``regularizer``,
+  ``eps' * (z_y - mean z)``, is ``-inf`` (MaxSup's part stays finite).
+- ``num_items_in_batch`` under ``"mean"`` must be a finite count, and at least 1 when the call scores a token; 0,
+  a negative number or NaN raise ``ValueError`` (one host sync per call when it is a tensor).
+- Labels of any integer dtype are range-checked after widening to int64.
+- The backward is a closed form, not itself differentiable: double backward (``create_graph=True``) raises.
 - A call with no scored token returns ``0.0`` connected to the graph (``backward()`` gives zero gradients), never
   NaN, so a rank with an all-masked micro-batch still joins the DDP gradient all-reduce.
 - The loss is float32 (float64 for float64 logits) whatever the logits dtype; the gradient has the logits dtype.
@@ -40,6 +50,7 @@ Rules chosen for inputs the maths leaves open (each is tested):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +59,7 @@ __all__ = [
     "LossComponents",
     "label_smoothing_loss",
     "maxsup_loss",
+    "perplexity",
     "smoothed_cross_entropy",
 ]
 
@@ -76,7 +88,8 @@ class LossComponents:
         loss (`torch.Tensor`): sum of the per-token objective (NLL plus regularizer).
         nll (`torch.Tensor`): sum of ``-log p_y``, the true cross-entropy.
         regularizer (`torch.Tensor`): sum of ``loss - nll``: ``eps' * (z_y - mean z)`` for label smoothing,
-            ``alpha * (z_max - mean z)`` for MaxSup, 0 for cross-entropy.
+            ``alpha * (z_max - mean z)`` for MaxSup, 0 for cross-entropy (``-inf`` from label smoothing when a label's
+            logit is ``-inf``, where ``loss`` and ``nll`` are ``+inf``).
         top1_prob (`torch.Tensor`): sum of the highest predicted probability ``max_k p_k``.
         correct (`torch.Tensor`): number of tokens whose argmax equals the label.
         logit_gap (`torch.Tensor`): sum of ``z_max - mean z`` (the quantity MaxSup penalizes).
@@ -105,7 +118,8 @@ class LossComponents:
 
     def means(self) -> dict[str, float]:
         """Per-token means as Python floats: ``loss``, ``nll``, ``ppl`` (``exp(nll)``), ``regularizer``,
-        ``top1_prob``, ``accuracy``, ``logit_gap``, plus ``num_tokens``. With no token every mean is 0."""
+        ``top1_prob``, ``accuracy``, ``logit_gap``, plus ``num_tokens``. With no token every mean is 0 (``ppl`` 1);
+        an NLL too large for ``exp`` gives ``ppl = inf`` (`perplexity`)."""
         sums = self.to_vector().double().tolist()
         count = sums[0]
         if count == 0:
@@ -113,9 +127,18 @@ class LossComponents:
         else:
             means = {name: value / count for name, value in zip(self.FIELDS[1:], sums[1:])}
         means["accuracy"] = means.pop("correct")
-        means["ppl"] = math.exp(min(means["nll"], 700.0))
+        means["ppl"] = perplexity(means["nll"])
         means["num_tokens"] = count
         return means
+
+
+def perplexity(nll: float) -> float:
+    """``exp(nll)`` as a Python float: ``inf`` once it overflows (``nll`` above about 709.78), never a clamped
+    stand-in such as ``exp(700) = 1e304`` that reads like a measurement; NaN stays NaN."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -124,10 +147,10 @@ class LossComponents:
 
 
 def _check_options(*, epsilon: float, alpha: float, convention: str, reduction: str) -> None:
-    if not 0.0 <= float(epsilon) <= 1.0:
+    if not 0.0 <= float(epsilon) <= 1.0:  # also rejects NaN and inf
         raise ValueError(f"epsilon must be in [0, 1], got {epsilon}.")
-    if not float(alpha) >= 0.0:  # also rejects NaN
-        raise ValueError(f"alpha must be >= 0, got {alpha}.")
+    if not (float(alpha) >= 0.0 and math.isfinite(float(alpha))):  # NaN fails >= 0
+        raise ValueError(f"alpha must be >= 0 and finite, got {alpha}.")
     if convention not in CONVENTIONS:
         raise ValueError(f"Unknown convention {convention!r}; use one of {CONVENTIONS}.")
     if reduction not in REDUCTIONS:
@@ -154,27 +177,81 @@ def _check_inputs(
         raise ValueError(f"{name} have an empty {last} dimension: shape {tuple(logits.shape)}.")
 
 
+def _holds(dtype: torch.dtype, value: int) -> bool:
+    info = torch.iinfo(dtype)
+    return info.min <= value <= info.max
+
+
 def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    """Labels in ``[0, num_classes)`` or equal to ``ignore_index``, compared in int64: in a narrow dtype (uint8, int8,
+    int16) ``labels >= num_classes`` would compare against ``num_classes`` wrapped into that dtype (300 -> 44 in uint8)
+    and refuse valid labels."""
+    narrow = labels.dtype != torch.int64 and not _holds(labels.dtype, ignore_index)
+    if narrow:
+        # ignore_index can never occur in these labels, so no position is ignored; padding written as
+        # ignore_index wrapped into some other value on the way in (-100 -> 156 in uint8).
+        warnings.warn(
+            f"labels have dtype {labels.dtype}, which cannot hold ignore_index={ignore_index}: no position is ignored. "
+            "Use int64 labels (or an ignore_index the dtype holds) to mask padding.",
+            stacklevel=3,
+        )
+    wide = labels.to(torch.int64)
+    bad = (wide != ignore_index) & ((wide < 0) | (wide >= num_classes))
     if bool(bad.any()):
-        value = int(labels[bad][0])
+        value = int(wide[bad][0])
+        hint = ""
+        if narrow:
+            hint = (
+                f" labels have dtype {labels.dtype}, which cannot hold ignore_index={ignore_index}: padding stored as "
+                f"{ignore_index} reads as another value there; build the labels as int64."
+            )
         raise ValueError(
             f"Label {value} is out of range for {num_classes} classes: labels must be in [0, {num_classes}) or equal to "
-            f"ignore_index={ignore_index}. Check the tokenizer/model vocabulary sizes and the padding value."
+            f"ignore_index={ignore_index}. Check the tokenizer/model vocabulary sizes and the padding value.{hint}"
         )
 
 
 def _denominator(num_items_in_batch, num_valid: torch.Tensor) -> torch.Tensor:
-    """The token count a ``"mean"`` divides by, as a float tensor >= 1 (a window with no token gives 0 / 1 = 0)."""
+    """The token count a ``"mean"`` divides by, as a float64 tensor >= 1 (a window with no token gives 0 / 1 = 0).
+
+    ``num_items_in_batch`` must be finite and >= 0, and >= 1 when this call scores a token (``num_valid > 0``): 0, a
+    negative count or NaN would otherwise return the sum, or a negated or NaN loss, without a word. A tensor count
+    costs one host sync (count and ``num_valid`` read together); a Python number only when it is below 1.
+    """
     if num_items_in_batch is None:
-        count = num_valid
-    elif torch.is_tensor(num_items_in_batch):
-        count = num_items_in_batch.detach().to(num_valid.device).reshape(-1)[0]
+        return num_valid.to(torch.float64).clamp(min=1.0)
+    if torch.is_tensor(num_items_in_batch):
+        count = num_items_in_batch.detach().reshape(-1)[0].to(device=num_valid.device, dtype=torch.float64)
+        value, scored = torch.stack([count, num_valid.to(torch.float64)]).tolist()
     else:
-        if float(num_items_in_batch) < 0:
-            raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}.")
-        count = torch.tensor(float(num_items_in_batch), device=num_valid.device)
-    return count.to(torch.float64).clamp(min=1.0)
+        value, scored = float(num_items_in_batch), None
+        count = torch.tensor(value, dtype=torch.float64, device=num_valid.device)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(
+            f"num_items_in_batch must be a finite token count >= 0, got {num_items_in_batch!r}. It is the number of "
+            "scored tokens a 'mean' divides by (the Trainer's count over the accumulation window and ranks)."
+        )
+    if value < 1.0:
+        scored = int(num_valid) if scored is None else scored
+        if scored > 0:
+            raise ValueError(
+                f"num_items_in_batch={value:g} but this call scores {int(scored)} token(s): the count a 'mean' divides "
+                "by must include them (the Trainer's count of labels != ignore_index over the accumulation window and "
+                "ranks). Pass that count, or None to divide by the tokens scored here."
+            )
+    return count.clamp(min=1.0)
+
+
+def _refuse_double_backward(name: str) -> None:
+    """Called first in a closed-form backward: grad mode is on there only under ``create_graph=True``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name} does not support double backward: backward ran with create_graph=True (Hessian-vector products, "
+            "gradient penalties, second-order optimizers), but its gradient is a closed form computed outside "
+            "autograd, so a graph through it would be wrong. Call backward / torch.autograd.grad with "
+            "create_graph=False, or compute this loss with differentiable torch ops (e.g. F.cross_entropy with "
+            "label_smoothing) where second derivatives are needed."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -231,8 +308,9 @@ def chunk_forward(
     Values at invalid rows are garbage (possibly NaN): the caller masks them with ``torch.where``.
     """
     zmax, amax = z.max(dim=-1)
-    # logsumexp with the max already at hand; -inf entries give exp(-inf) = 0.
-    lse = torch.sub(z, zmax.unsqueeze(-1), out=workspace).exp_().sum(dim=-1).log_().add_(zmax)
+    # log sum_k exp(z_k - z_max), with the max already at hand; -inf entries give exp(-inf) = 0.
+    log_sum = torch.sub(z, zmax.unsqueeze(-1), out=workspace).exp_().sum(dim=-1).log_()
+    lse = log_sum + zmax
     zsum = z.sum(dim=-1)
     k = torch.full_like(zsum, z.shape[-1])
     has_neginf = torch.isneginf(zsum)
@@ -247,10 +325,16 @@ def chunk_forward(
     z_y = z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
     eps = coefs.smoothing(k)
-    nll = lse - z_y
-    regularizer = eps * (z_y - zmean) + coefs.alpha * (zmax - zmean)
-    row_loss = nll + regularizer
-    top1 = (zmax - lse).exp()
+    # (z_max - z_y) + log_sum, not lse - z_y: for a confident token log_sum is tiny and z_max + log_sum rounds it to
+    # the float32 ulp of z_max (logits ~30: per-token NLL off by 0.2% at the median, F.cross_entropy 0.005%).
+    nll = (zmax - z_y) + log_sum
+    regularizer = coefs.alpha * (zmax - zmean)
+    if torch.is_tensor(eps) or eps != 0.0:  # skipped at eps = 0: 0 * (z_y - mean z) is NaN when z_y = -inf
+        regularizer = regularizer + eps * (z_y - zmean)
+    # z_y = -inf (p_y = 0): +inf whatever the regularizer (module docstring), not inf + eps * (-inf) = NaN. A NaN nll
+    # (NaN or +inf logits) stays NaN.
+    row_loss = torch.where(torch.isposinf(nll), nll, nll + regularizer)
+    top1 = log_sum.neg().exp()  # exp(z_max - lse)
     correct = (amax == target).to(z.dtype)
     gap = zmax - zmean
     return RowStats(lse, amax, k, has_neginf), row_loss, (nll, regularizer, top1, correct, gap)
@@ -343,6 +427,7 @@ class _SmoothedCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_sums):
+        _refuse_double_backward("smoothed_cross_entropy")
         logits, target, valid, lse, argmax, k, has_neginf = ctx.saved_tensors
         cdtype = lse.dtype
         if ctx.reduction == "none":

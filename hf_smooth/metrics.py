@@ -42,7 +42,8 @@ Choices the maths leaves open (each is tested in tests/test_metrics.py):
 - A logit equal to ``-inf`` marks an absent vocabulary entry (the rule of hf_smooth.losses): it has probability 0
   and is left out of the mean, the norm and the small-logit share. Ignored positions may hold NaN or inf: their
   rows are dropped before any arithmetic.
-- With no scored token every mean is 0 (and ``ppl`` is 1), as in [`LossComponents.means`].
+- With no scored token every mean is 0 (and ``ppl`` is 1), as in [`LossComponents.means`]. An NLL too large for
+  ``exp`` (a label whose logit is ``-inf`` gives ``+inf``) gives ``ppl = inf`` (`hf_smooth.losses.perplexity`).
 
 Logits are processed in row chunks in float32 (float64 for float64 input) under ``torch.no_grad``; the extra
 memory is a few chunk-sized temporaries, never ``N x K`` of anything.
@@ -59,7 +60,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .losses import _check_inputs, _check_label_range, compute_dtype, row_chunks
+from .losses import _check_inputs, _check_label_range, compute_dtype, perplexity, row_chunks
 
 __all__ = [
     "DEFAULT_GAP_EDGES",
@@ -208,7 +209,9 @@ def _token_values(z: torch.Tensor, y: torch.Tensor, layout: MetricsLayout) -> _T
     sum_exp = expo.sum(dim=-1)
     log_sum_exp = sum_exp.log()
     z_y = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    nll = zmax + log_sum_exp - z_y
+    # (z_max - z_y) first: exact for a correct token, where z_max + log_sum_exp would round a small log_sum_exp away
+    # (at |z| ~ 1e4 a float32 ulp is 1e-3, more than the whole NLL of a confident token).
+    nll = (zmax - z_y) + log_sum_exp
     confidence = sum_exp.reciprocal()  # exp(z_max - logsumexp z)
     correct = (amax == y).to(z.dtype)
 
@@ -598,7 +601,7 @@ class TokenMetrics:
         if loss_tokens:
             out["loss"] = mean("loss")
         out["nll"] = mean("nll")
-        out["ppl"] = math.exp(min(out["nll"], 700.0))
+        out["ppl"] = perplexity(out["nll"])
         out["accuracy"] = mean("correct")
         out["confidence"] = mean("confidence")
         if self.layout.diagnostics:
@@ -670,12 +673,15 @@ class TokenMetrics:
         return state
 
     @classmethod
-    def from_dict(cls, state: dict[str, Any]) -> TokenMetrics:
-        """Inverse of [`to_dict`] (also accepts the dict read back from JSON)."""
+    def from_dict(cls, state: dict[str, Any], *, source: str | None = None) -> TokenMetrics:
+        """Inverse of [`to_dict`] (also accepts the dict read back from JSON). ``source`` names where ``state``
+        came from in error messages (`load` passes the file)."""
+        where = f" in {source}" if source else ""
         if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"Not a saved TokenMetrics (expected 'format': {FORMAT!r}).")
+            raise ValueError(f"Not a saved TokenMetrics{where} (expected 'format': {FORMAT!r}).")
         if state.get("version") != FORMAT_VERSION:
-            raise ValueError(f"Unsupported TokenMetrics format version {state.get('version')}.")
+            raise ValueError(f"Unsupported TokenMetrics format version {state.get('version')}{where}.")
+        _check_saved_keys(state, where)
         layout = state["layout"]
         metrics = cls(
             num_bins=layout["num_bins"],
@@ -706,10 +712,42 @@ class TokenMetrics:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TokenMetrics:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a file written by [`save`]; errors name the file (and the missing keys of a truncated state)."""
+        path = Path(path)
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a saved TokenMetrics: invalid JSON ({error}).") from error
+        return cls.from_dict(state, source=str(path))
 
     def __repr__(self) -> str:
         return f"TokenMetrics(num_tokens={self.num_tokens}, layout={self.layout.num_bins} bins)"
+
+
+def _check_saved_keys(state: dict[str, Any], where: str) -> None:
+    """Every key `from_dict` reads, checked before reading any, so a truncated or hand-edited state fails with the
+    list of what is missing rather than a bare ``KeyError``."""
+    missing = [key for key in ("layout", "sums") if key not in state]
+    layout = state.get("layout")
+    if isinstance(layout, dict):
+        missing += [
+            f"layout.{key}"
+            for key in ("num_bins", "small_logit_threshold", "gap_edges", "adaptive_ece", "diagnostics")
+            if key not in layout
+        ]
+        if layout.get("adaptive_ece"):
+            if "token_confidence" in state and "token_correct" not in state:
+                missing.append("token_correct")
+            # Without the per-token pairs the saved equal-mass ECE is restored as is.
+            elif "token_confidence" not in state and "ece_adaptive" not in (state.get("metrics") or {}):
+                missing.append("metrics.ece_adaptive (or token_confidence and token_correct)")
+    elif "layout" in state:
+        missing.append("layout (not a dict)")
+    if missing:
+        raise ValueError(
+            f"Saved TokenMetrics{where} lacks {', '.join(missing)}: it was truncated or edited. Save it again with "
+            "TokenMetrics.save."
+        )
 
 
 # The name hf_smooth's evaluation loop uses for the same accumulator.

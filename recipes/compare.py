@@ -14,8 +14,13 @@ Launch commands (from the repository root):
     # Only re-tabulate finished runs
     python recipes/compare.py --task clm --output_dir outputs/compare-clm --report_only
 
-Resumable: a run whose metrics.json exists is not run again. Writes into --output_dir: results.md, results.csv,
-reliability.png, logit_gaps.png, training_curves.png, and one folder per method and seed with the run's own outputs.
+Resumable: a finished run is not run again. A run counts as finished for this invocation when its folder holds a
+valid metrics.json and a run.json recording the same recipe command (the recipe, `--seed`, the method's flags and
+every flag after `--`, in order). Otherwise (never finished, failed, metrics.json truncated, run.json missing, or a
+flag changed) it runs again; the old folder is first moved, untouched, to `<method>/superseded/seed<k>-<time>/`, so
+every recipe starts in an empty output_dir and nothing is deleted. Writes into --output_dir: results.md,
+results.csv, reliability.png, logit_gaps.png, training_curves.png, and one folder per method and seed with the run's
+own outputs, its stdout.log and run.json.
 """
 
 from __future__ import annotations
@@ -54,25 +59,118 @@ def parse(argv=None):
     return args
 
 
+def recipe_command(args, spec, seed: int) -> list[str]:
+    """The key of a finished arm: the recipe and every flag it is given, except where it writes.
+
+    The output folder is where the record lives, and the launcher and the checkout's path say how the recipe was
+    started, not what it computed; moving a sweep or the repository must not re-run hours of finished work. A change
+    of launcher is reported when a run is reused (see `run_one`).
+    """
+    return [f"{args.task}.py", "--seed", str(seed), *spec.recipe_flags(), *args.extra]
+
+
+def _read_json(path: Path):
+    """(value, None), or (None, why it cannot be used) naming `path`."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, f"{path} does not exist"
+    except OSError as error:
+        return None, f"{path} cannot be read ({error})"
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        return None, f"{path} is not valid JSON, truncated or damaged ({error})"
+    if not isinstance(value, dict):
+        return None, f"{path} holds {type(value).__name__}, not a JSON object"
+    return value, None
+
+
+def why_rerun(run_dir: Path, wanted: list[str]) -> str | None:
+    """Why `run_dir` does not hold a finished run of `wanted` (see `recipe_command`), or None when it does."""
+    _, problem = _read_json(run_dir / "metrics.json")
+    if problem is not None:
+        return problem
+    record, problem = _read_json(run_dir / "run.json")
+    if problem is not None:
+        return f"no record of the command it ran: {problem}"
+    before = record.get("recipe_command")
+    if not isinstance(before, list):
+        return f"{run_dir / 'run.json'} does not record the recipe command it ran (an older compare.py wrote it)"
+    if before != wanted:
+        return f"it ran `{shlex.join(map(str, before))}`; now asked for `{shlex.join(wanted)}`"
+    return None
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move an old run folder to `<method>/superseded/<seed>-<time>/` unchanged (outside the `*/seed*/` pattern the
+    report reads), so the recipe gets an empty output_dir and nothing a run wrote is deleted."""
+    parent = run_dir.parent / "superseded"
+    parent.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        destination = parent / (f"{run_dir.name}-{stamp}" + (f"-{attempt}" if attempt else ""))
+        if not os.path.lexists(destination):
+            os.rename(run_dir, destination)
+            return destination
+    raise SystemExit(f"[compare] could not find a free name under {parent} to move {run_dir} to.")
+
+
 def run_one(args, spec, seed: int) -> Path:
     run_dir = args.output_dir / spec.slug / f"seed{seed}"
-    if (run_dir / "metrics.json").is_file():
-        print(f"[compare] {spec.name} seed {seed}: done already, skipping", flush=True)
+    wanted = recipe_command(args, spec, seed)
+    label = f"[compare] {spec.name} seed {seed}"
+    reason = why_rerun(run_dir, wanted)
+    if reason is None:
+        record, _ = _read_json(run_dir / "run.json")
+        if record.get("launcher") != args.launcher:
+            print(f"{label}: done already under --launcher {record.get('launcher')!r} (now {args.launcher!r}); "
+                  f"reusing it. Move {run_dir} away to run it again.", flush=True)
+        print(f"{label}: done already, skipping", flush=True)
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps({"method": spec.name, "seed": seed, "spec": spec.__dict__}))
+    if os.path.lexists(run_dir):
+        moved = set_aside(run_dir)
+        print(f"{label}: running again: {reason}. The old folder is now {moved}.", flush=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]
-    command = prefix + [str(HERE / f"{args.task}.py"), "--output_dir", str(run_dir), "--seed", str(seed)]
-    command += spec.recipe_flags() + list(args.extra)
-    print(f"[compare] {spec.name} seed {seed}: {shlex.join(command)}", flush=True)
+    command = prefix + [str(HERE / wanted[0]), "--output_dir", str(run_dir), *wanted[1:]]
+    print(f"{label}: {shlex.join(command)}", flush=True)
     started = time.time()
-    with open(run_dir / "stdout.log", "w") as log:
+    # The log is written beside the run folder while the recipe runs (the recipe may refuse a non-empty
+    # output_dir), then moved into it.
+    running_log = run_dir.parent / f"{run_dir.name}.log"
+    with open(running_log, "w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    run_dir.mkdir(exist_ok=True)
+    log_path = run_dir / "stdout.log"
+    os.replace(running_log, log_path)
     if result.returncode != 0:
-        tail = (run_dir / "stdout.log").read_text()[-3000:]
-        raise SystemExit(f"[compare] run failed ({result.returncode}) in {run_dir}:\n{tail}")
-    print(f"[compare] {spec.name} seed {seed}: {time.time() - started:.0f} s", flush=True)
+        raise SystemExit(f"{label}: run failed ({result.returncode}) in {run_dir}; log {log_path}:\n"
+                         f"{log_path.read_text()[-3000:]}")
+    _, problem = _read_json(run_dir / "metrics.json")
+    if problem is not None:
+        raise SystemExit(f"{label}: the recipe exited 0 but {problem}; log {log_path}.")
+    record = {"method": spec.name, "seed": seed, "spec": spec.__dict__, "task": args.task,
+              "recipe_command": wanted, "launcher": args.launcher, "command": command}
+    partial = run_dir / "run.json.partial"
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, run_dir / "run.json")  # written last, in one step: it marks the run finished
+    print(f"{label}: {time.time() - started:.0f} s", flush=True)
     return run_dir
+
+
+def check_finished_runs(output_dir: Path) -> None:
+    """Every run the report would read has a readable metrics.json and run.json; otherwise stop, naming the files."""
+    problems = []
+    for metrics_path in sorted(output_dir.glob("*/seed*/metrics.json")):
+        for path in (metrics_path, metrics_path.parent / "run.json"):
+            if path.exists():
+                problem = _read_json(path)[1]
+                if problem is not None:
+                    problems.append(problem)
+    if problems:
+        raise SystemExit("[compare] cannot report: " + "; ".join(problems) + ". Run compare.py for that method "
+                         "without --report_only to run it again, or move its folder away.")
 
 
 def report(output_dir: Path, order: list[str]) -> dict:
@@ -81,6 +179,7 @@ def report(output_dir: Path, order: list[str]) -> dict:
     from hf_smooth.plots import plot_logit_gaps, plot_reliability
     from hf_smooth.report import load_runs, plot_training_curves, pool_diagnostics, summarize, to_csv, to_markdown
 
+    check_finished_runs(output_dir)
     runs = load_runs(output_dir)
     if not runs:
         raise SystemExit(f"No finished runs under {output_dir}.")

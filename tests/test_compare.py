@@ -198,8 +198,9 @@ def test_pool_diagnostics_rejects_mismatched_or_empty():
 # ---- the runner with a stand-in recipe ----------------------------------------------------------------------------
 
 # Receives `<recipe.py> --output_dir D --seed S <method flags> <extra flags>` like the real recipes, appends its
-# command line to calls.jsonl and writes metrics that are a known function of the method and the seed. Set
-# FAKE_RECIPE_FAIL=<seed> to make that seed fail.
+# command line to calls.jsonl and writes metrics that are a known function of the method and the seed. Like the real
+# recipes (issue 11.4) it refuses an output_dir that is not empty. Set FAKE_RECIPE_FAIL=<seed> to make that seed
+# fail, FAKE_RECIPE_NO_METRICS=1 to make it exit 0 without writing metrics.json.
 FAKE_RECIPE = r'''
 import json, os, sys
 from pathlib import Path
@@ -208,11 +209,16 @@ flags = dict(zip(argv[1::2], argv[2::2]))
 out = Path(flags["--output_dir"])
 with open(Path(os.environ["FAKE_RECIPE_LOG"]), "a") as log:
     log.write(json.dumps(argv) + "\n")
+if out.exists() and any(out.iterdir()):
+    sys.exit(f"output_dir {out} is not empty: {sorted(p.name for p in out.iterdir())}")
+out.mkdir(parents=True, exist_ok=True)
 seed = int(flags["--seed"])
 print("fake recipe running", seed)
 if os.environ.get("FAKE_RECIPE_FAIL") == str(seed):
     print("boom: simulated failure")
     sys.exit(3)
+if os.environ.get("FAKE_RECIPE_NO_METRICS"):
+    sys.exit(0)
 alpha = float(flags.get("--smoothing_alpha", 0.0))
 metrics = {"eval_nll": 1.0 + alpha + 0.5 * seed, "eval_accuracy": 0.5 - alpha + 0.01 * seed}
 (out / "metrics.json").write_text(json.dumps(metrics))
@@ -228,6 +234,7 @@ def fake_recipe(tmp_path, monkeypatch):
     log = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_RECIPE_LOG", str(log))
     monkeypatch.delenv("FAKE_RECIPE_FAIL", raising=False)
+    monkeypatch.delenv("FAKE_RECIPE_NO_METRICS", raising=False)
 
     def calls():
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -287,6 +294,93 @@ def test_runner_stops_on_a_failed_run(tmp_path, fake_recipe, monkeypatch):
                              "--launcher", launcher])
     assert (out / "ls0p1" / "seed0" / "metrics.json").is_file()
     assert not (out / "ls0p1" / "seed1" / "metrics.json").exists()  # so the next invocation runs it again
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_runner_keys_a_finished_arm_by_its_recipe_command(tmp_path, fake_recipe, capsys):
+    """A flag changed after `--` runs the arm again; the old run is moved aside untouched; the same command again
+    reuses the new run; the run.json holds the exact command."""
+    launcher, calls = fake_recipe
+    compare = load_compare()
+    out = tmp_path / "cmp"
+    base = ["--methods", "ls:0.1", "--seeds", "0", "--output_dir", str(out), "--launcher", launcher, "--"]
+    compare.main(base + ["--max_steps", "3"])
+    run_dir = out / "ls0p1" / "seed0"
+    record = json.loads((run_dir / "run.json").read_text())
+    first_command = calls()[0]
+    assert record["command"] == shlex.split(launcher) + first_command
+    assert record["recipe_command"] == ["clm.py", *first_command[3:]]
+    assert record["recipe_command"][-2:] == ["--max_steps", "3"] and record["launcher"] == launcher
+    assert "fake recipe running 0" in (run_dir / "stdout.log").read_text()
+    old = tree_bytes(run_dir)
+    capsys.readouterr()
+
+    compare.main(base + ["--max_steps", "4"])
+    assert len(calls()) == 2 and calls()[1][-2:] == ["--max_steps", "4"]
+    printed = capsys.readouterr().out
+    assert "--max_steps 3" in printed and "--max_steps 4" in printed and "running again" in printed
+    (moved,) = (out / "ls0p1" / "superseded").iterdir()
+    assert moved.name.startswith("seed0-") and tree_bytes(moved) == old  # nothing of the old run lost
+    assert json.loads((run_dir / "run.json").read_text())["recipe_command"][-2:] == ["--max_steps", "4"]
+    assert [run.path for run in load_runs(out)] == [run_dir]  # the report never reads the superseded run
+
+    compare.main(base + ["--max_steps", "4"])
+    assert len(calls()) == 2
+    assert "done already, skipping" in capsys.readouterr().out
+
+    # Same flags in another order are another command: it runs again.
+    compare.main(base + ["--max_steps", "4", "--learning_rate", "1e-3"])
+    compare.main(base + ["--learning_rate", "1e-3", "--max_steps", "4"])
+    assert len(calls()) == 4 and len(list((out / "ls0p1" / "superseded").iterdir())) == 3
+
+
+@pytest.mark.parametrize(
+    "damage, name, phrase, report_stops",
+    [
+        (lambda p: p.write_text('{"eval_nll": 1.0, "eval_acc'), "metrics.json", "is not valid JSON", True),
+        (lambda p: p.write_text(""), "metrics.json", "is not valid JSON", True),
+        (lambda p: p.write_text("[1, 2]"), "metrics.json", "holds list, not a JSON object", True),
+        (lambda p: p.write_text('{"method": "LS'), "run.json", "is not valid JSON", True),
+        (lambda p: p.unlink(), "run.json", "does not exist", False),
+        (lambda p: p.write_text('{"method": "LS 0.1", "seed": 1}'), "run.json", "does not record the recipe command",
+         False),
+    ],
+    ids=["metrics-truncated", "metrics-empty", "metrics-list", "run-truncated", "run-missing", "run-old"],
+)
+def test_runner_reruns_a_damaged_arm_and_names_the_file(tmp_path, fake_recipe, capsys, damage, name, phrase,
+                                                        report_stops):
+    launcher, calls = fake_recipe
+    compare = load_compare()
+    out = tmp_path / "cmp"
+    argv = ["--methods", "ls:0.1", "--seeds", "0", "1", "--output_dir", str(out), "--launcher", launcher]
+    compare.main(argv)
+    damaged = out / "ls0p1" / "seed1"
+    damage(damaged / name)
+    capsys.readouterr()
+
+    if report_stops:  # --report_only names the file instead of a traceback
+        with pytest.raises(SystemExit) as stopped:
+            compare.main(argv + ["--report_only"])
+        assert f"{damaged / name} {phrase}" in str(stopped.value)
+    else:  # the report reads it as before (run.json is optional there)
+        compare.main(argv + ["--report_only"])
+    compare.main(argv)
+    printed = capsys.readouterr().out
+    assert f"{damaged / name} {phrase}" in printed and "running again" in printed
+    assert [c[c.index("--seed") + 1] for c in calls()] == ["0", "1", "1"]  # only the damaged arm ran again
+    assert json.loads((damaged / "metrics.json").read_text())["eval_nll"] == pytest.approx(1.1 + 0.5)
+
+
+def test_runner_recipe_that_writes_no_metrics(tmp_path, fake_recipe, monkeypatch):
+    launcher, _ = fake_recipe
+    monkeypatch.setenv("FAKE_RECIPE_NO_METRICS", "1")
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit, match=r"exited 0 but .*seed0/metrics\.json does not exist"):
+        load_compare().main(["--methods", "ce", "--seeds", "0", "--output_dir", str(out), "--launcher", launcher])
+    assert not (out / "ce" / "seed0" / "run.json").exists()  # not recorded as finished
 
 
 @pytest.mark.parametrize(
@@ -369,9 +463,11 @@ def test_compare_translation_two_methods_two_seeds(tmp_path, capsys):
     assert len(stamps) == 4
     capsys.readouterr()
     refuse = f"{shlex.quote(sys.executable)} -c 'raise SystemExit(9)'"
-    compare.main(argv[:-len(TINY_TRANSLATION) - 1] + ["--launcher", refuse])
+    cut = argv.index("--")
+    compare.main(argv[:cut] + ["--launcher", refuse] + argv[cut:])  # the same recipe commands
     printed = capsys.readouterr().out
     assert printed.count("done already, skipping") == 4
+    assert printed.count("done already under --launcher None") == 4  # the launcher change is reported
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/metrics.json")} == stamps
 
 
