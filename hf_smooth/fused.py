@@ -477,6 +477,13 @@ def fused_linear_smoothed_loss(
     epsilon, alpha = _resolve_knobs(method, epsilon, alpha)
     _check_options(epsilon=epsilon, alpha=alpha, convention=convention, reduction=reduction)
     _check_inputs(hidden, labels, ignore_index, name="hidden", last="hidden_size")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and torch.is_tensor(weight):
+        # What nn.Linear does under autocast: the projection runs in the autocast dtype (differentiable casts, so
+        # float32 master weights receive float32 gradients). Before the dtype check, which then compares like with like.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if torch.is_tensor(bias) else bias
     _check_linear(hidden, weight, bias)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
@@ -486,13 +493,6 @@ def fused_linear_smoothed_loss(
     head = _resolve_head(logit_scale, final_logit_softcapping)
     flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
     _check_label_range(labels, vocab_size, ignore_index)  # the labels as given: it names a narrow dtype
-
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        # What nn.Linear does under autocast: the projection runs in the autocast dtype (differentiable casts).
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
 
     flat_hidden = hidden.reshape(-1, hidden_size)
     num_rows = flat_hidden.shape[0]
