@@ -36,16 +36,22 @@ Launch commands (from the repository root):
         --validation_file dev.jsonl --prompt_column prompt --completion_column completion \
         --lora_target_modules q_proj k_proj v_proj o_proj
 
+    # Ctrl-C (or SIGTERM) saves a checkpoint and prints this; the same command plus the flag continues the run
+    python recipes/clm.py --output_dir outputs/clm --resume_from_checkpoint true
+    # Replace an earlier run in the same folder (without the flag a non-empty --output_dir is refused)
+    python recipes/clm.py --output_dir outputs/clm --overwrite_output_dir true
+
 Output (in --output_dir): the adapter (LoRA) or the model, the tokenizer, `metrics.json` (train and eval objective,
 NLL, perplexity, token accuracy; eval ECE, Brier, entropy, logit statistics), `diagnostics.json` (reliability bins and
-logit-gap histogram), `eval_reliability.png`, `eval_logit_gap.png` and `log_history.json`. A decoder-only model
-translates through this recipe too, with --prompt_column holding "Translate to German: <source>\\n" and
---completion_column the target.
+logit-gap histogram), `eval_reliability.png`, `eval_logit_gap.png`, `log_history.json` (rewritten at every log), and
+the files transformers' example scripts write: `train_results.json`, `eval_results.json`, `all_results.json`,
+`trainer_state.json`. The model and the training files are saved as soon as training ends, before evaluation. A
+decoder-only model translates through this recipe too, with --prompt_column holding "Translate to German:
+<source>\\n" and --completion_column the target.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -59,12 +65,17 @@ from common import (  # noqa: E402
     EvalDiagnosticsMixin,
     LogLastStepCallback,
     LoraArguments,
+    OutputDirArguments,
+    RecipeError,
+    ResumableSamplerMixin,
     apply_lora,
     check_local_path,
+    check_sample_limits,
+    load_data_files,
     parse_arguments,
-    print_results,
-    training_summary,
-    write_metrics,
+    prepare_output_dir,
+    recipe_main,
+    train_and_report,
 )
 
 from hf_smooth import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
@@ -130,6 +141,7 @@ class DataArguments:
             raise ValueError(
                 f"--validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}."
             )
+        check_sample_limits(self)
         for path in (self.train_file, self.validation_file):
             if path is None:
                 continue
@@ -140,8 +152,9 @@ class DataArguments:
 
 
 @dataclass
-class ClmTrainingArguments(SmoothTrainingArguments):
-    """SmoothTrainingArguments with defaults for the embedded CPU run (40 steps: 345 s on a shared 2-core CPU)."""
+class ClmTrainingArguments(OutputDirArguments, SmoothTrainingArguments):
+    """SmoothTrainingArguments with defaults for the embedded CPU run (40 steps: 345 s on a shared 2-core CPU), plus
+    --overwrite_output_dir and --resume_from_checkpoint (OutputDirArguments)."""
 
     output_dir: str = field(default="outputs/clm", metadata={"help": "Where the model and metrics go."})
     max_steps: int = field(default=40, metadata={"help": "Optimizer steps (overrides num_train_epochs)."})
@@ -167,8 +180,9 @@ class ClmLoraArguments(LoraArguments):
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ClmLoraArguments, ClmTrainingArguments)
 
 
-class ClmTrainer(EvalDiagnosticsMixin, SmoothTrainer):
-    """SmoothTrainer that also writes the evaluation's reliability bins and logit-gap histogram."""
+class ClmTrainer(ResumableSamplerMixin, EvalDiagnosticsMixin, SmoothTrainer):
+    """SmoothTrainer that also writes the evaluation's reliability bins and logit-gap histogram, and resumes
+    length-grouped batches in the same order."""
 
 
 # ---- model -----------------------------------------------------------------------------------------------------------
@@ -187,9 +201,9 @@ def load_model(args: ModelArguments):
             path, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code
         )
     except (OSError, ValueError) as error:
-        raise SystemExit(f"Could not load --model_name_or_path {path}: {error}") from error
+        raise RecipeError(f"Could not load --model_name_or_path {path}: {str(error).strip().splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
-        raise SystemExit(f"The tokenizer of {path} has no eos token; the recipe ends every text with one.")
+        raise RecipeError(f"The tokenizer of {path} has no eos token; the recipe ends every text with one.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padded label positions are -100 anyway (label_pad_token_id)
     return model, tokenizer, path
@@ -204,7 +218,7 @@ def load_raw_data(args: DataArguments):
 
     if args.dataset_name is None and args.train_file is None:
         if args.prompt_column or args.text_column != "text":
-            raise SystemExit("The embedded corpus is plain text in column 'text'; column flags need your own data.")
+            raise RecipeError("The embedded corpus is plain text in column 'text'; column flags need your own data.")
         from hf_smooth.assets import default_clm_text
 
         name, text = default_clm_text(max_chars=args.embedded_max_chars)
@@ -218,17 +232,17 @@ def load_raw_data(args: DataArguments):
         try:
             raw = load_dataset(args.dataset_name, args.dataset_config_name)
         except Exception as error:  # offline, unknown name or config: datasets raises several types
-            raise SystemExit(f"Could not load --dataset_name {args.dataset_name}: {error}") from error
+            raise RecipeError(f"Could not load --dataset_name {args.dataset_name}: {error}") from None
         source = args.dataset_name
     else:
         files = {"train": args.train_file}
         if args.validation_file:
             files["validation"] = args.validation_file
         builder = DATA_BUILDERS[args.train_file.rsplit(".", 1)[-1]]
-        raw = load_dataset(builder, data_files=files)
+        raw = load_data_files(builder, files, {"train": "--train_file", "validation": "--validation_file"})
         source = args.train_file
     if "train" not in raw:
-        raise SystemExit(f"{source} has no 'train' split (splits: {list(raw)}).")
+        raise RecipeError(f"{source} has no 'train' split (splits: {list(raw)}).")
     if "validation" not in raw:
         split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, shuffle=False)
         raw = DatasetDict(train=split["train"], validation=split["test"])
@@ -237,10 +251,18 @@ def load_raw_data(args: DataArguments):
         columns = raw[split].column_names
         missing = [c for c in wanted if c not in columns]
         if missing:
-            raise SystemExit(
+            raise RecipeError(
                 f"Column(s) {missing} not in the {split} data of {source}, which has columns {columns}. Set "
                 "--text_column, or --prompt_column and --completion_column."
             )
+        if args.prompt_column:  # a null prompt or completion would fail inside the tokenizer
+            for column in wanted:
+                nulls = [i for i, value in enumerate(raw[split][column]) if not isinstance(value, str)]
+                if nulls:
+                    raise RecipeError(
+                        f"{source} ({split}): {len(nulls)} of {len(raw[split])} rows have no text in column "
+                        f"{column!r} (first: row {nulls[0] + 1}); fix or remove them."
+                    )
     return DatasetDict(train=raw["train"], validation=raw["validation"]), source
 
 
@@ -308,9 +330,10 @@ def tokenize(raw, tokenizer, args: DataArguments):
 
 
 def run(argv: list[str] | None = None):
-    """Parse, check, train, evaluate and save; returns `(metrics, trainer)`."""
+    """Parse, check, train, save, evaluate and write the outputs; returns `(metrics, trainer)`."""
     started = time.time()
     model_args, data_args, lora_args, training_args = parse_arguments(ARGUMENT_CLASSES, argv)
+    checkpoint = prepare_output_dir(training_args)
     if model_args.model_name_or_path is not None:
         check_local_path(model_args.model_name_or_path, "--model_name_or_path")
     set_seed(training_args.seed)
@@ -324,7 +347,7 @@ def run(argv: list[str] | None = None):
     if data_args.max_eval_samples:
         evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
     if len(train) == 0 or len(evaluation) == 0:
-        raise SystemExit(
+        raise RecipeError(
             f"Empty split after tokenization: {len(train)} train / {len(evaluation)} eval sequences (block_size "
             f"{data_args.block_size}; with packing a split needs at least block_size tokens)."
         )
@@ -344,30 +367,22 @@ def run(argv: list[str] | None = None):
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[LogLastStepCallback()],
     )
-    train_result = trainer.train()
-    eval_metrics = trainer.evaluate()
-    trainer.save_model()  # adapter or full model, and the tokenizer (processing_class)
-    metrics = {
+    description = {
         "task": "clm", "model": model_name, "data": source, "lora": lora_args.use_lora,
         "smoothing_method": training_args.smoothing_method, "smoothing_alpha": training_args.smoothing_alpha,
         "smoothing_alpha_end": training_args.smoothing_alpha_end, "seed": training_args.seed,
         "block_size": data_args.block_size, "packing": data_args.packing,
-        "train_examples": len(train), "eval_examples": len(evaluation), "world_size": training_args.world_size,
-        "global_step": trainer.state.global_step,
-        **train_result.metrics, **training_summary(trainer.state.log_history), **eval_metrics,
+        "train_examples": len(train), "eval_examples": len(evaluation),
     }
-    metrics["wall_seconds"] = time.time() - started
-    if trainer.is_world_process_zero():
-        write_metrics(training_args.output_dir, metrics)
-        trainer.save_eval_diagnostics(training_args.output_dir)
-        with open(os.path.join(training_args.output_dir, "log_history.json"), "w") as f:
-            json.dump(trainer.state.log_history, f, indent=1)
-        print_results(f"clm: {model_name}, {training_args.smoothing_method}", metrics, metrics["wall_seconds"])
+    metrics = train_and_report(
+        trainer, checkpoint=checkpoint, description=description, started=started, script=__file__, argv=argv,
+        title=f"clm: {model_name}, {training_args.smoothing_method}",
+    )
     return metrics, trainer
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(argv)[0]
+    return recipe_main(run, argv)
 
 
 if __name__ == "__main__":

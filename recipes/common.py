@@ -1,5 +1,6 @@
-"""Pieces both recipes share: argument parsing with a config file, early checks, LoRA, evaluation diagnostics,
-metrics.json and the results table.
+"""Pieces both recipes share: argument parsing with a config file, the checks that stop bad input before anything
+trains, the output directory (refuse, overwrite or resume), LoRA, Ctrl-C handling, the end of a run (save, evaluate,
+write every output) and the results table.
 
 Kept beside the recipes (imported by path, not part of the package) so `clm.py` and `translation.py` cannot drift
 apart on the parts they have in common.
@@ -7,15 +8,64 @@ apart on the parts they have in common.
 
 from __future__ import annotations
 
+import argparse
+import codecs
+import contextlib
+import dataclasses
 import json
 import math
 import os
+import re
+import shlex
+import shutil
+import signal
 import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+# ---- how a mistake reaches the user ---------------------------------------------------------------------------------
+
+
+class RecipeError(Exception):
+    """Bad input: a flag, a config file, a data file, a model directory or the output directory.
+
+    Raised by the checks below, before anything trains; `recipe_main` prints it as one line, ``error: ...``, on stderr
+    and exits with status 2, as argparse does for a bad flag. Each message names the flag or file and what to do.
+    """
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a checkpoint was written; the message says how to resume.
+    `recipe_main` prints it and exits with 128 + the signal number (130 for Ctrl-C), as a shell does."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def recipe_main(run, argv: list[str] | None = None) -> dict:
+    """Call a recipe's `run(argv)` and return its metrics; a `RecipeError` becomes one line on stderr and exit 2."""
+    try:
+        return run(argv)[0]
+    except RecipeError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except TrainingInterrupted as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(stopped, file=sys.stderr, flush=True)
+        raise SystemExit(stopped.exit_code) from None
+
+
+# ---- arguments ------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -44,63 +94,146 @@ class LoraArguments:
             )
 
 
-# ---- arguments ----------------------------------------------------------------------------------------------------
+@dataclass
+class OutputDirArguments:
+    """What a run does with an existing --output_dir. Mixed into the recipes' TrainingArguments: transformers 5
+    removed `overwrite_output_dir`, and `resume_from_checkpoint` is only read by scripts (as in run_clm.py)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a previous run in --output_dir: removes the files and checkpoint-* folders a run "
+                  "writes (recipes/common.py RUN_OUTPUTS) and keeps anything else. Without it a non-empty "
+                  "--output_dir is refused."},
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "Continue an interrupted run: a checkpoint-<step> folder, or 'true' for the last one in "
+                  "--output_dir. Same step, learning-rate and alpha schedule, data order and loss curve."},
+    )
 
 
-def _file_value(action, key: str, value, path: Path):
+# Float flags for which +inf is a meaningful setting (clip nothing but still log the norm).
+INFINITE_ALLOWED = {"max_grad_norm"}
+CONVERTER_NAMES = {"int": "an integer", "float": "a number", "string_to_bool": "true or false"}
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """1-based line where `key` is set in a YAML/JSON mapping (first match), or None."""
+    pattern = re.compile(rf"""^\s*["']?{re.escape(key)}["']?\s*:""")
+    return next((n for n, line in enumerate(text.splitlines(), 1) if pattern.search(line)), None)
+
+
+def _key_near(text: str, line: int) -> str:
+    """' (key 'x')' for the last key set at or before `line`, to point at the entry a syntax error is in."""
+    pattern = re.compile(r"""^\s*["']?([A-Za-z_][\w.-]*)["']?\s*:""")
+    for candidate in reversed(text.splitlines()[:line]):
+        found = pattern.search(candidate)
+        if found:
+            return f" (key {found.group(1)!r})"
+    return ""
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of `path`; invalid UTF-8 is a `RecipeError` naming the file, byte offset and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise RecipeError(
+            f"{what} {path}: invalid UTF-8 at byte {error.start} (line {line}): re-save the file as UTF-8."
+        ) from None
+
+
+def _read_config_file(path: Path) -> tuple[dict, str]:
+    """The mapping of a .yaml/.yml/.json argument file and its text; syntax errors name the file, line and key."""
+    if not path.is_file():
+        raise RecipeError(f"Config file {path} does not exist.")
+    text = read_utf8(path, "Config file")
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise RecipeError(
+            f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}{_key_near(text, error.lineno)}."
+        ) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        near = _key_near(text, mark.line + 1) if mark is not None else ""
+        raise RecipeError(f"{where}: invalid YAML: {problem}{near}.") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path} must hold a mapping of argument names to values, got {type(values).__name__}.")
+    return values, text
+
+
+def _file_value(action, key: str, value, path: Path, text: str):
     """A value read from a YAML/JSON file, converted as the same flag's command-line string would be."""
     if value is None or isinstance(value, dict):
         return value  # None, or a dict for dict-valued TrainingArguments such as fsdp_config
     convert = action.type or (lambda text: text)
+    line = _line_of(text, key)
+    where = f"{path}:{line}" if line else str(path)
     if isinstance(value, (list, tuple)):
         if action.nargs not in ("+", "*"):
             return list(value)  # e.g. report_to: [tensorboard], which TrainingArguments accepts as a list
-        values = [convert(str(v)) for v in value]
+        items = list(value)
     else:
-        values = [convert(str(value))]
+        items = [value]
+    values = []
+    for item in items:
+        try:
+            values.append(convert(str(item)))
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            expected = CONVERTER_NAMES.get(getattr(convert, "__name__", ""), "a valid value")
+            raise RecipeError(f"{where}: {key}: {item!r} is not {expected}.") from None
     if action.choices is not None:
         wrong = [v for v in values if v not in action.choices]
         if wrong:
-            raise SystemExit(f"{path}: {key}={wrong[0]!r} is not one of {list(action.choices)}.")
+            raise RecipeError(f"{where}: {key}: {wrong[0]!r} is not one of {list(action.choices)}.")
     return values if isinstance(value, (list, tuple)) else values[0]
 
 
 def parse_arguments(dataclass_types, argv: list[str] | None = None):
     """`HfArgumentParser` over `dataclass_types`; a leading .yaml/.yml/.json file gives defaults, flags after it win.
 
-    Every mistake stops here, before anything is loaded, with `SystemExit` and a message that names the argument: an
-    unknown key in the file, an unknown flag, a bad choice, or a `__post_init__` check (conflicting smoothing knobs,
-    ...).
+    Every mistake stops here, before anything is loaded, with a `RecipeError` that names the argument: an unknown or
+    wrongly typed key in the file, a syntax error in it (file, line and key), an unknown flag, a bad choice, a
+    non-finite number, or a `__post_init__` check (conflicting smoothing knobs, ...). A bad value on the command line
+    is argparse's own error (usage and message, exit 2).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     launched_ranks = _use_cpu_when_no_accelerator()
     parser = HfArgumentParser(dataclass_types)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         path = Path(argv.pop(0))
-        if not path.is_file():
-            raise SystemExit(f"Config file {path} does not exist.")
-        text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise SystemExit(f"{path} must hold a mapping of argument names to values, got {type(values).__name__}.")
+        values, text = _read_config_file(path)
         actions = {action.dest: action for action in parser._actions if action.option_strings}
         unknown = sorted(key for key in values if key not in actions)
         if unknown:
-            raise SystemExit(
+            raise RecipeError(
                 f"{path}: unknown argument(s) {unknown}. Keys are the recipe's flags without the leading '--' "
                 f"(see `python {os.path.basename(sys.argv[0]) or 'recipe.py'} --help`)."
             )
         # File values become the parser's defaults, so any flag given after the file overrides them.
-        parser.set_defaults(**{key: _file_value(actions[key], key, value, path) for key, value in values.items()})
+        parser.set_defaults(**{key: _file_value(actions[key], key, value, path, text) for key, value in values.items()})
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # unknown flags and __post_init__ validation: say it before anything loads
-        raise SystemExit(f"Invalid arguments: {error}") from error
+        raise RecipeError(f"Invalid arguments: {error}") from None
+    for arguments in parsed:
+        for item in dataclasses.fields(arguments):
+            value = getattr(arguments, item.name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                if not (item.name in INFINITE_ALLOWED and value == math.inf):
+                    raise RecipeError(f"--{item.name} {value}: give a finite number.")
     training_args = parsed[-1]
+    if training_args.learning_rate < 0:
+        raise RecipeError(f"--learning_rate {training_args.learning_rate}: give a learning rate >= 0.")
     if training_args.world_size != launched_ranks:
-        raise SystemExit(
+        raise RecipeError(
             f"Launched as {launched_ranks} processes but training would run with world size "
             f"{training_args.world_size}: the processes would train independent copies. On a machine without GPUs "
             "add --use_cpu true (DDP over gloo); otherwise check the accelerate config."
@@ -108,12 +241,20 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
     if getattr(training_args, "label_smoothing_factor", 0.0):
         # SmoothingArguments already rejects it next to a smoothing method; with --smoothing_method none the
         # SmoothTrainer would reject it too, but only after the model is loaded.
-        raise SystemExit(
+        raise RecipeError(
             f"Invalid arguments: --label_smoothing_factor {training_args.label_smoothing_factor} is transformers' "
             "LabelSmoother, which these recipes never use (hf_smooth computes the loss). Use --smoothing_method "
             f"label_smoothing --smoothing_alpha {training_args.label_smoothing_factor} instead."
         )
     return parsed
+
+
+def check_sample_limits(args) -> None:
+    """`--max_train_samples` / `--max_eval_samples`: unset or 0 keeps everything, a negative count is a mistake."""
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name} {value}: give a number of examples >= 0 (0 or unset: all).")
 
 
 def _use_cpu_when_no_accelerator() -> int:
@@ -137,18 +278,215 @@ def _use_cpu_when_no_accelerator() -> int:
     return ranks
 
 
-def check_local_path(path: str, flag: str) -> None:
-    """Stop early when `path` is meant as a local directory but does not exist.
+# ---- input files and directories ------------------------------------------------------------------------------------
 
-    Meant as local: it starts with `.`, `/` or `~`, or its first component is an existing local directory
+# A local model directory needs a config, weights and a tokenizer (any of these names).
+WEIGHT_FILES = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "source.spm", "tokenizer.model"}
+
+
+def check_local_path(path: str, flag: str) -> None:
+    """Stop early when `path` is meant as a local model directory but does not exist or lacks model files.
+
+    Meant as local: it starts with `.`, `/` or `~`, it exists, or its first component is an existing local directory
     (`outputs/my-model` next to an `outputs/` folder). Anything else may be a hub id (`org/name`) and is left to
     `from_pretrained`.
     """
     expanded = os.path.expanduser(path)
     first = expanded.split(os.sep, 1)[0]
-    looks_local = path.startswith((".", "/", "~")) or (os.sep in expanded and os.path.isdir(first))
-    if looks_local and not os.path.isdir(expanded):
-        raise SystemExit(f"{flag} {path}: no such local directory (a hub id looks like 'org/name').")
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(expanded) or (
+        os.sep in expanded and os.path.isdir(first)
+    )
+    if not looks_local:
+        return
+    if not os.path.isdir(expanded):
+        raise RecipeError(f"{flag} {path}: no such local directory (a hub id looks like 'org/name').")
+    names = set(os.listdir(expanded))
+    if "config.json" not in names and "adapter_config.json" not in names:
+        raise RecipeError(
+            f"{flag} {path}: no config.json in this directory, so it holds no model. Point it at a folder written by "
+            "save_pretrained (config.json, model.safetensors and the tokenizer files)."
+        )
+    if not any(WEIGHT_FILES.fullmatch(name) for name in names):
+        raise RecipeError(
+            f"{flag} {path}: has config.json but no weights (model.safetensors or pytorch_model.bin). Save the model "
+            "there with model.save_pretrained(...)."
+        )
+    if "config.json" in names and not names & TOKENIZER_FILES:
+        raise RecipeError(
+            f"{flag} {path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...). Save the tokenizer "
+            "there with tokenizer.save_pretrained(...)."
+        )
+
+
+def check_data_file(path: str, flag: str) -> None:
+    """A local data file must hold some non-blank text and be valid UTF-8 (checked in 1 MiB pieces, so a large file
+    is never held in memory); the error names the file, and for bad bytes the byte offset and line."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0
+    has_text = False
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            pending = decoder.getstate()[0]  # bytes of a character cut at the previous chunk's end
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                data = pending + chunk
+                position = offset - len(pending) + error.start
+                line = lines + data.count(b"\n", 0, error.start) + 1
+                raise RecipeError(
+                    f"{flag} {path}: invalid UTF-8 at byte {position} (line {line}): re-save the file as UTF-8."
+                ) from None
+            has_text = has_text or bool(text.strip())
+            if not chunk:
+                break
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+    if not has_text:
+        raise RecipeError(f"{flag} {path} is empty: give a file with at least one example.")
+
+
+def load_data_files(builder: str, files: dict[str, str], flags: dict[str, str]):
+    """`datasets.load_dataset(builder, data_files=files)` after `check_data_file` on each; a file datasets cannot read
+    (malformed JSON, ragged CSV) is a `RecipeError` naming the flag and file."""
+    from datasets import load_dataset
+
+    for split, path in files.items():
+        check_data_file(path, flags[split])
+    try:
+        return load_dataset(builder, data_files=files)
+    except Exception as error:  # datasets wraps the parser's error in DatasetGenerationError: report the cause
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        named = " / ".join(f"{flags[split]} {path}" for split, path in files.items())
+        raise RecipeError(f"Could not read {named} as {builder} data: {message}") from None
+
+
+# ---- the output directory -------------------------------------------------------------------------------------------
+
+# Every file and folder a run writes into --output_dir, as full-match patterns: the only names
+# --overwrite_output_dir removes (anything else there is the user's and stays). Resuming removes them too, except
+# the checkpoints, because the resumed run writes them all again.
+RUN_OUTPUTS = (
+    # model or LoRA adapter (save_pretrained), and the TrainingArguments save_model writes beside it
+    r"config\.json", r"generation_config\.json", WEIGHT_FILES.pattern, r"adapter_config\.json",
+    r"training_args\.bin",
+    # tokenizer (save_pretrained of the processing class)
+    r"tokenizer\.json", r"tokenizer_config\.json", r"special_tokens_map\.json", r"added_tokens\.json",
+    r"chat_template\.(jinja|json)", r"vocab\.(json|txt)", r"merges\.txt", r"spiece\.model",
+    r"sentencepiece\.bpe\.model", r"(source|target)\.spm", r"tokenizer\.model",
+    # Trainer: checkpoints, state, HF example-script results, TensorBoard logs
+    rf"{PREFIX_CHECKPOINT_DIR}-\d+", r"trainer_state\.json", r"(train|eval|all)_results\.json", r"runs",
+    # the recipes' own files (and the temporary name log_history.json is written under)
+    r"metrics\.json", r"diagnostics\.json", r"eval_reliability\.png", r"eval_logit_gap\.png",
+    r"log_history\.json", r"\.log_history\.json\.tmp", r"eval_predictions\.jsonl",
+)
+_RUN_OUTPUT = re.compile("|".join(f"(?:{pattern})" for pattern in RUN_OUTPUTS))
+_PROBE_PREFIX = ".hf_smooth-write-check-"  # the start-up write check's file, removed at once; never counted
+
+
+def is_run_output(name: str) -> bool:
+    return _RUN_OUTPUT.fullmatch(name) is not None
+
+
+def _listing(entries: list[Path], limit: int = 4) -> str:
+    names = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in entries)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def prepare_output_dir(args) -> str | None:
+    """Start-up checks of --output_dir, --overwrite_output_dir and --resume_from_checkpoint, before anything loads.
+
+    Returns the checkpoint to resume from (None for a fresh run). Refuses a non-empty --output_dir unless the run
+    overwrites it or resumes, refuses to combine the two (overwriting deletes the checkpoints), and checks that the
+    directory can be written (it is created if missing). Nothing is deleted here: `clear_previous_outputs` does that
+    once every other check has passed.
+    """
+    out = Path(args.output_dir)
+    resume = args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.strip().lower() in ("", "false", "no", "none"):
+        resume = args.resume_from_checkpoint = None
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--output_dir {out} is a file, not a directory: choose another --output_dir.")
+    if resume is not None and args.overwrite_output_dir:
+        raise RecipeError(
+            "--overwrite_output_dir true deletes the checkpoints that --resume_from_checkpoint continues from: give "
+            "only one of them."
+        )
+    checkpoint = None
+    if resume is not None:
+        if resume.strip().lower() in ("true", "yes", "1"):
+            checkpoint = get_last_checkpoint(out) if out.is_dir() else None
+            if checkpoint is None:
+                raise RecipeError(
+                    f"--resume_from_checkpoint true: no {PREFIX_CHECKPOINT_DIR}-<step> folder in --output_dir {out}. "
+                    "Give the checkpoint's path, or drop the flag to start a new run."
+                )
+        else:
+            checkpoint = resume
+            if not os.path.isdir(checkpoint):
+                raise RecipeError(f"--resume_from_checkpoint {checkpoint}: no such directory.")
+        if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+            raise RecipeError(
+                f"--resume_from_checkpoint: {checkpoint} is not a complete Trainer checkpoint (no trainer_state.json; "
+                "its save may have been cut short). Give an earlier checkpoint's path."
+            )
+    elif out.is_dir() and not args.overwrite_output_dir:
+        existing = [entry for entry in out.iterdir() if not entry.name.startswith(_PROBE_PREFIX)]
+        if existing:
+            last = get_last_checkpoint(out)
+            resume_hint = f"--resume_from_checkpoint true to continue from {Path(last).name}, " if last else ""
+            raise RecipeError(
+                f"--output_dir {out} is not empty ({_listing(existing)}). Add {resume_hint}--overwrite_output_dir "
+                "true to replace the previous run (only files a run writes are removed), or choose another "
+                "--output_dir."
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=_PROBE_PREFIX, dir=out)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise RecipeError(
+            f"--output_dir {out} cannot be written ({error.strerror or error}): choose a directory you can write to."
+        ) from None
+    return checkpoint
+
+
+def clear_previous_outputs(args, *, resuming: bool) -> list[str]:
+    """Remove what a previous run wrote in --output_dir (`RUN_OUTPUTS`), on the main process, just before training.
+
+    Called when overwriting or resuming, so the new run's files are never mixed with stale ones (a translation run
+    without generation next to an older eval_predictions.jsonl, an all_results.json that transformers' save_metrics
+    would merge into). A resumed run keeps its checkpoints. Files and folders with other names are never touched;
+    symbolic links are removed, never followed. Returns the removed names.
+    """
+    out = Path(args.output_dir)
+    removed, kept = [], []
+    with args.main_process_first(desc="clearing the previous run's outputs", local=False):
+        if not (args.process_index == 0 and out.is_dir()):
+            return []
+        for entry in sorted(out.iterdir()):
+            if entry.name.startswith(_PROBE_PREFIX):
+                continue
+            if not is_run_output(entry.name) or (resuming and entry.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")):
+                kept.append(entry)
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry.name)
+    if removed:
+        others = [entry for entry in kept if not entry.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")]
+        note = f"; kept files a run does not write: {_listing(others)}" if others else ""
+        why = "resuming: the run writes them again" if resuming else "--overwrite_output_dir"
+        print(f"Removed {len(removed)} outputs of the previous run from {out} ({why}){note}.", flush=True)
+    return removed
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------------------------
@@ -164,7 +502,7 @@ def apply_lora(model, lora: LoraArguments, task_type: str):
         missing = [t for t in targets if t not in names]
         if missing:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
-            raise SystemExit(
+            raise RecipeError(
                 f"LoRA target module(s) {missing} not found in {type(model).__name__}. Linear layers it has: {linear}."
             )
     config = LoraConfig(
@@ -192,6 +530,139 @@ class LogLastStepCallback(TrainerCallback):
         if state.global_step >= state.max_steps and args.logging_strategy == "steps":
             control.should_log = True
         return control
+
+
+class LiveLogCallback(TrainerCallback):
+    """Rewrite `log_history.json` in --output_dir at every log (main process), so the log so far is on disk whatever
+    ends the run: a crash, an interrupt, a killed job. Written to a temporary name and renamed, so a reader never
+    sees half a file."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            write_log_history(args.output_dir, state.log_history)
+        return control
+
+
+def write_log_history(output_dir: str, log_history: list[dict]) -> Path:
+    path = Path(output_dir) / "log_history.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(".log_history.json.tmp")
+    temporary.write_text(json.dumps(log_history, indent=1))
+    os.replace(temporary, path)
+    return path
+
+
+class GracefulInterrupt(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM during training: finish the optimizer step, write a checkpoint, stop.
+
+    The handler only records the signal and restores the previous handler of that signal, so a second Ctrl-C acts
+    as Python's own (KeyboardInterrupt: abort without saving) and a second SIGTERM kills the process. At the end of
+    the step the callback sets `control.should_log` (the log covers every step done), `should_save` (the Trainer
+    writes a real checkpoint-<step>: weights or adapter, optimizer, scheduler, RNG states and trainer_state.json,
+    which `--resume_from_checkpoint` reads) and `should_training_stop`. Under DDP the ranks agree on the stop
+    (an all-reduce of the flag per step) so all of them save at the same step; a launcher such as torchrun may
+    follow Ctrl-C with SIGTERM and, after its own timeout (30 s for torchrun), SIGKILL.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None  # the first signal received
+        self.stopped_at: int | None = None  # the step training stopped at because of it
+        self._previous: dict[int, object] = {}
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle the signals inside the block (main thread only: Python delivers signals there)."""
+        if threading.current_thread() is not threading.main_thread():
+            print("Warning: not in the main thread, so Ctrl-C cannot save a checkpoint before stopping.", flush=True)
+            yield self
+            return
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        signal.signal(signum, self._previous[signum])  # the next one of this kind aborts
+        if self.signum is None:
+            self.signum = signum
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{signal.Signals(signum).name} received: finishing this optimizer step, then saving a checkpoint "
+              f"(send {again} again to abort without saving).", file=sys.stderr, flush=True)
+
+    def _stop_requested(self, args) -> bool:
+        stop = self.signum is not None
+        if args.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                flag = torch.tensor([float(stop)], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+                if stop and self.signum is None:
+                    self.signum = signal.SIGINT  # another rank got it
+        return stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._stop_requested(args):
+            control.should_log = control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+def resume_command(script: str, argv: list[str], world_size: int) -> str:
+    """The command that continues this run: the same arguments without --overwrite_output_dir and any earlier
+    --resume_from_checkpoint, plus `--resume_from_checkpoint true`."""
+    dropped = ("--overwrite_output_dir", "--resume_from_checkpoint")
+    kept, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if token.split("=", 1)[0] not in dropped:
+            kept.append(token)
+        elif "=" not in token and index < len(argv) and not argv[index].startswith("--"):
+            index += 1  # its value
+    launcher = "accelerate launch <your launch flags>" if world_size > 1 else "python"
+    script = os.path.relpath(script) if not os.path.relpath(script).startswith("..") else script
+    return f"{launcher} {shlex.join([script, *kept, '--resume_from_checkpoint', 'true'])}"
+
+
+class _EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """`LengthGroupedSampler` whose shuffle depends only on (seed, epoch), through `set_epoch` (which the Trainer
+    and accelerate's data loaders call at every epoch, also on the loader that skips batches when resuming)."""
+
+    def __init__(self, base: LengthGroupedSampler, seed: int):
+        super().__init__(base.batch_size, lengths=base.lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class ResumableSamplerMixin:
+    """Make `--train_sampling_strategy group_by_length` (translation.py's default) resume exactly.
+
+    transformers 5.24 builds the training `LengthGroupedSampler` without a generator, so each epoch's order is drawn
+    from the global RNG when the epoch starts. A run resumed in epoch e >= 1 draws it right after start-up (the
+    checkpoint's RNG state is restored only after the first batch), so its data order, and loss curve, differ from
+    the uninterrupted run's. With a generator seeded by (data_seed or seed) + epoch the order is the same either way.
+    The random sampler needs nothing: accelerate already seeds it per epoch. Overrides the private
+    `Trainer._get_train_sampler(train_dataset)`; if upstream starts passing a generator this steps aside.
+    """
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler and sampler.generator is None:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return _EpochSeededLengthGroupedSampler(sampler, seed)
+        return sampler
 
 
 class EvalDiagnosticsMixin:
@@ -229,6 +700,75 @@ class EvalDiagnosticsMixin:
         if not metrics.layout.diagnostics:
             return [path]  # --smoothing_eval_diagnostics false: no bins to plot
         return [path, *save_diagnostic_plots(metrics, output_dir)]
+
+
+# ---- the run: train, save at once, evaluate, write everything -------------------------------------------------------
+
+
+def train_and_report(trainer, *, checkpoint: str | None, description: dict, title: str, started: float,
+                     script: str, argv: list[str] | None, write_extra=None) -> dict:
+    """Everything both recipes do once their Trainer is built; returns the metrics written to metrics.json.
+
+    1. Clear the previous run's outputs when overwriting or resuming (`clear_previous_outputs`).
+    2. Train, resuming from `checkpoint`; Ctrl-C/SIGTERM stop after the current step with a checkpoint
+       (`GracefulInterrupt`), and `log_history.json` is rewritten at every log (`LiveLogCallback`).
+    3. Save at once, before anything else can fail: model or adapter and tokenizer (`save_model`),
+       `trainer_state.json` (`save_state`), `train_results.json` / `all_results.json` (`save_metrics`, as
+       transformers' example scripts write them) and `log_history.json`. An interrupted run stops here with
+       `TrainingInterrupted`, whose message is the command that resumes it.
+    4. Evaluate; if that raises, say that the trained model is saved, and re-raise.
+    5. `eval_results.json` (and `all_results.json` again), `metrics.json` (run `description`, train and eval numbers),
+       `diagnostics.json` and its plots, whatever `write_extra(output_dir)` writes, and the results table.
+    """
+    args = trainer.args
+    out = args.output_dir
+    if checkpoint is not None or args.overwrite_output_dir:
+        clear_previous_outputs(args, resuming=checkpoint is not None)
+    if checkpoint is not None and trainer.is_world_process_zero():
+        print(f"Resuming from {checkpoint}.", flush=True)
+    interrupt = GracefulInterrupt()
+    trainer.add_callback(LiveLogCallback())
+    trainer.add_callback(interrupt)
+    with interrupt.installed():
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+
+    trainer.save_model()  # model or adapter, and the tokenizer (processing_class); every rank takes part
+    trainer.save_metrics("train", train_result.metrics)  # rank 0 only, like save_state
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        write_log_history(out, trainer.state.log_history)
+    if interrupt.stopped_at is not None:
+        step, total = interrupt.stopped_at, trainer.state.max_steps
+        command = resume_command(script, list(sys.argv[1:] if argv is None else argv), args.world_size)
+        raise TrainingInterrupted(
+            f"Interrupted by {signal.Signals(interrupt.signum).name} at step {step} of {total}. Saved in {out}: "
+            f"{PREFIX_CHECKPOINT_DIR}-{step} (what resuming reads), the model or adapter with its tokenizer, "
+            f"trainer_state.json and log_history.json; no evaluation was run.\n"
+            f"To continue, run the same command with --resume_from_checkpoint true:\n  {command}",
+            interrupt.signum,
+        )
+
+    try:
+        eval_metrics = trainer.evaluate()
+    except Exception:
+        if trainer.is_world_process_zero():
+            print(f"Evaluation failed; the trained model, trainer_state.json and log_history.json are saved in {out}.",
+                  file=sys.stderr, flush=True)
+        raise
+    trainer.save_metrics("eval", eval_metrics)
+    metrics = {
+        **description, "world_size": args.world_size, "global_step": trainer.state.global_step,
+        **train_result.metrics, **training_summary(trainer.state.log_history), **eval_metrics,
+        "wall_seconds": time.time() - started,
+    }
+    if trainer.is_world_process_zero():
+        write_metrics(out, metrics)
+        trainer.save_eval_diagnostics(out)
+        if write_extra is not None:
+            write_extra(out)
+        write_log_history(out, trainer.state.log_history)
+        print_results(title, metrics, metrics["wall_seconds"])
+    return metrics
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------------

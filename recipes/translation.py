@@ -29,14 +29,21 @@ Launch commands (from the repository root):
     python recipes/translation.py --train_file train.jsonl --validation_file dev.jsonl --source_lang en \
         --target_lang de --num_train_epochs 20
 
+    # Ctrl-C (or SIGTERM) saves a checkpoint and prints this; the same command plus the flag continues the run
+    python recipes/translation.py --output_dir outputs/translation --resume_from_checkpoint true
+    # Replace an earlier run in the same folder (without the flag a non-empty --output_dir is refused)
+    python recipes/translation.py --output_dir outputs/translation --overwrite_output_dir true
+
 Data: a hub dataset or local .json/.jsonl files whose rows are {"translation": {"en": ..., "de": ...}} (the
 format of transformers' run_translation.py), or flat {"en": ..., "de": ...} rows.
 
 Output (in --output_dir): model (or LoRA adapter), tokenizer, `metrics.json` (BLEU and chrF from sacrebleu on the
 beam-search output; teacher-forced objective, NLL, perplexity, accuracy, ECE, Brier, logit statistics),
 `eval_predictions.jsonl` (hypothesis and reference per evaluation pair), `diagnostics.json`, `eval_reliability.png`,
-`eval_logit_gap.png` and `log_history.json`. Decoder-only models translate through recipes/clm.py with
---prompt_column/--completion_column (see its docstring).
+`eval_logit_gap.png`, `log_history.json` (rewritten at every log), and the files transformers' example scripts write:
+`train_results.json`, `eval_results.json`, `all_results.json`, `trainer_state.json`. The model and the training files
+are saved as soon as training ends, before evaluation and generation. Decoder-only models translate through
+recipes/clm.py with --prompt_column/--completion_column (see its docstring).
 """
 
 from __future__ import annotations
@@ -55,12 +62,17 @@ from common import (  # noqa: E402
     EvalDiagnosticsMixin,
     LogLastStepCallback,
     LoraArguments,
+    OutputDirArguments,
+    RecipeError,
+    ResumableSamplerMixin,
     apply_lora,
     check_local_path,
+    check_sample_limits,
+    load_data_files,
     parse_arguments,
-    print_results,
-    training_summary,
-    write_metrics,
+    prepare_output_dir,
+    recipe_main,
+    train_and_report,
 )
 
 from hf_smooth import SmoothSeq2SeqTrainer, SmoothSeq2SeqTrainingArguments  # noqa: E402
@@ -107,8 +119,8 @@ class DataArguments:
     forced_bos_token: str | None = field(
         default=None, metadata={"help": "mBART/NLLB: target language token forced first when generating."}
     )
-    max_source_length: int = field(default=64, metadata={"help": "Source tokens kept."})
-    max_target_length: int = field(default=64, metadata={"help": "Target tokens kept."})
+    max_source_length: int = field(default=64, metadata={"help": "Source tokens kept (longer sources are cut)."})
+    max_target_length: int = field(default=64, metadata={"help": "Target tokens kept (longer targets are cut)."})
     validation_split_percentage: int = field(
         default=10, metadata={"help": "Held-out share without a validation split."}
     )
@@ -137,6 +149,10 @@ class DataArguments:
             raise ValueError(
                 f"--validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}."
             )
+        for name in ("max_source_length", "max_target_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} {getattr(self, name)}: give a number of tokens >= 1.")
+        check_sample_limits(self)
         for path in (self.train_file, self.validation_file):
             if path is None:
                 continue
@@ -147,9 +163,9 @@ class DataArguments:
 
 
 @dataclass
-class TranslationTrainingArguments(SmoothSeq2SeqTrainingArguments):
+class TranslationTrainingArguments(OutputDirArguments, SmoothSeq2SeqTrainingArguments):
     """SmoothSeq2SeqTrainingArguments with defaults for the embedded CPU run (30 epochs: 224 s on a shared 2-core
-    CPU)."""
+    CPU), plus --overwrite_output_dir and --resume_from_checkpoint (OutputDirArguments)."""
 
     output_dir: str = field(default="outputs/translation", metadata={"help": "Where the model and metrics go."})
     num_train_epochs: float = field(
@@ -180,14 +196,22 @@ class TranslationTrainingArguments(SmoothSeq2SeqTrainingArguments):
         metadata={"help": "none | label_smoothing | maxsup.", "choices": ["none", "label_smoothing", "maxsup"]},
     )
 
+    def __post_init__(self):
+        super().__post_init__()
+        # Checked here, not at the first evaluation: beam search with 0 beams divides by zero after training.
+        for name in ("generation_num_beams", "generation_max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} {value}: give a number >= 1 (or leave it unset for the model's default).")
+
 
 # What the command line (and a leading .yaml/.json file) is parsed into, in this order.
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, TranslationTrainingArguments)
 
 
-class TranslationTrainer(EvalDiagnosticsMixin, SmoothSeq2SeqTrainer):
-    """SmoothSeq2SeqTrainer that also writes the evaluation's reliability bins and logit-gap histogram, and scores
-    every evaluation pair exactly once under DDP."""
+class TranslationTrainer(ResumableSamplerMixin, EvalDiagnosticsMixin, SmoothSeq2SeqTrainer):
+    """SmoothSeq2SeqTrainer that also writes the evaluation's reliability bins and logit-gap histogram, scores every
+    evaluation pair exactly once under DDP, and resumes length-grouped batches in the same order."""
 
     def evaluation_loop(self, *args, **kwargs):
         # Seq2SeqTrainer.evaluate gathers generated ids with accelerator.gather (transformers #27025, for
@@ -213,7 +237,7 @@ def load_pairs(args: DataArguments):
         try:
             pairs = gettext_pairs(source_lang=src, target_lang=tgt, sources=args.embedded_catalogs)
         except (ImportError, FileNotFoundError, ValueError) as error:
-            raise SystemExit(f"The embedded translation pairs are not available: {error}") from error
+            raise RecipeError(f"The embedded translation pairs are not available: {error}") from None
         train, evaluation = train_test_split_pairs(
             pairs, test_size=args.validation_split_percentage / 100, seed=args.split_seed
         )
@@ -226,33 +250,44 @@ def load_pairs(args: DataArguments):
         try:
             raw = load_dataset(args.dataset_name, args.dataset_config_name)
         except Exception as error:  # offline, unknown name or config: datasets raises several types
-            raise SystemExit(f"Could not load --dataset_name {args.dataset_name}: {error}") from error
+            raise RecipeError(f"Could not load --dataset_name {args.dataset_name}: {error}") from None
         source = args.dataset_name
     else:
         files = {"train": args.train_file, **({"validation": args.validation_file} if args.validation_file else {})}
-        raw = load_dataset("json", data_files=files)
+        flags = {"train": "--train_file", "validation": "--validation_file"}
+        raw = load_data_files("json", files, flags)
         source = args.train_file
 
     def rows(split):
         data = raw[split]
+        where = f"{flags[split]} {files[split]}" if args.dataset_name is None else f"{source} ({split} split)"
         if "translation" in data.column_names:
             items = data["translation"]
         elif src in data.column_names and tgt in data.column_names:
             items = [{src: a, tgt: b} for a, b in zip(data[src], data[tgt])]
         else:
-            raise SystemExit(
-                f"Split {split!r} of {source} has columns {data.column_names}: expected 'translation' or '{src}' and "
-                f"'{tgt}' (set --source_lang/--target_lang)."
+            raise RecipeError(
+                f"{where} has columns {data.column_names}: expected 'translation' or '{src}' and '{tgt}' (set "
+                "--source_lang/--target_lang)."
             )
         if items and (src not in items[0] or tgt not in items[0]):
-            raise SystemExit(
-                f"Translation rows of {source} have languages {sorted(items[0])}, not {src!r} and {tgt!r} (set "
+            raise RecipeError(
+                f"Translation rows of {where} have languages {sorted(items[0])}, not {src!r} and {tgt!r} (set "
                 "--source_lang/--target_lang)."
+            )
+        # Every row: datasets fills a language missing from some rows with None, which the tokenizer rejects.
+        bad = [i for i, item in enumerate(items) if not all(isinstance(item.get(k), str) for k in (src, tgt))]
+        if bad:
+            first = items[bad[0]]
+            missing = [lang for lang in (src, tgt) if not isinstance(first.get(lang), str)]
+            raise RecipeError(
+                f"{where}: {len(bad)} of {len(items)} rows lack a {src!r} or {tgt!r} text (first: row {bad[0] + 1}, "
+                f"no {' / '.join(map(repr, missing))}); fix or remove them."
             )
         return [(item[src], item[tgt]) for item in items]
 
     if "train" not in raw:
-        raise SystemExit(f"{source} has no 'train' split (splits: {list(raw)}).")
+        raise RecipeError(f"{source} has no 'train' split (splits: {list(raw)}).")
     train = rows("train")
     if "validation" in raw:
         evaluation = rows("validation")
@@ -279,28 +314,34 @@ def build_model(model_args: ModelArguments, train_pairs, data_args: DataArgument
         )
         layers = model_args.embedded_layers
         name = f"Marian-architecture from config (d_model {model_args.embedded_d_model}, {layers}+{layers} layers)"
-        return model, tokenizer, name
-    path = model_args.model_name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"Could not load --model_name_or_path {path}: {error}") from error
-    languages = (("src_lang", data_args.tokenizer_source_lang), ("tgt_lang", data_args.tokenizer_target_lang))
-    for attribute, code in languages:
+    else:
+        name = model_args.model_name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+            model = AutoModelForSeq2SeqLM.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+        except (OSError, ValueError) as error:
+            message = str(error).strip().splitlines()[0]
+            raise RecipeError(f"Could not load --model_name_or_path {name}: {message}") from None
+    # Language codes and the forced first token, for the embedded model too (its tokenizer has neither, so asking
+    # for them is an error rather than a flag silently ignored).
+    languages = (("src_lang", "--tokenizer_source_lang", data_args.tokenizer_source_lang),
+                 ("tgt_lang", "--tokenizer_target_lang", data_args.tokenizer_target_lang))
+    for attribute, flag, code in languages:
         if code is not None:
             if not hasattr(tokenizer, attribute):
-                raise SystemExit(f"{type(tokenizer).__name__} has no {attribute}; drop --tokenizer_{attribute}.")
+                raise RecipeError(f"{flag} {code}: the tokenizer of {name} ({type(tokenizer).__name__}) has no "
+                                  f"{attribute} (only mBART/NLLB-style tokenizers do); drop {flag}.")
             setattr(tokenizer, attribute, code)
     if data_args.forced_bos_token:
         token_id = tokenizer.convert_tokens_to_ids(data_args.forced_bos_token)
         if token_id is None or token_id == tokenizer.unk_token_id:
-            raise SystemExit(f"--forced_bos_token {data_args.forced_bos_token} is not a token of {path}.")
+            raise RecipeError(f"--forced_bos_token {data_args.forced_bos_token} is not a token of {name}'s tokenizer: "
+                              "give one of its language tokens (e.g. deu_Latn for NLLB) or drop the flag.")
         model.generation_config.forced_bos_token_id = token_id
     if model.config.model_type in ("t5", "mt5") and not data_args.source_prefix:
         print("Warning: T5 checkpoints expect a task prefix, e.g. --source_prefix \"translate English to German: \".",
               flush=True)
-    return model, tokenizer, path
+    return model, tokenizer, name
 
 
 def encode(pairs, tokenizer, args: DataArguments):
@@ -352,9 +393,10 @@ class BleuMetrics:
 
 
 def run(argv: list[str] | None = None):
-    """Parse, check, train, evaluate and save; returns `(metrics, trainer)`."""
+    """Parse, check, train, save, evaluate and write the outputs; returns `(metrics, trainer)`."""
     started = time.time()
     model_args, data_args, lora_args, training_args = parse_arguments(ARGUMENT_CLASSES, argv)
+    checkpoint = prepare_output_dir(training_args)
     if model_args.model_name_or_path is not None:
         check_local_path(model_args.model_name_or_path, "--model_name_or_path")
     set_seed(training_args.seed)
@@ -364,7 +406,7 @@ def run(argv: list[str] | None = None):
     if data_args.max_eval_samples:
         eval_pairs = eval_pairs[: data_args.max_eval_samples]
     if not train_pairs or not eval_pairs:
-        raise SystemExit(f"Empty split: {len(train_pairs)} train / {len(eval_pairs)} eval pairs from {source}.")
+        raise RecipeError(f"Empty split: {len(train_pairs)} train / {len(eval_pairs)} eval pairs from {source}.")
     model, tokenizer, model_name = build_model(model_args, train_pairs, data_args, seed=training_args.seed)
     if lora_args.use_lora:
         model = apply_lora(model, lora_args, task_type="SEQ_2_SEQ_LM")
@@ -381,33 +423,28 @@ def run(argv: list[str] | None = None):
         compute_metrics=bleu if training_args.predict_with_generate else None,
         callbacks=[LogLastStepCallback()],
     )
-    train_result = trainer.train()
-    eval_metrics = trainer.evaluate()
-    trainer.save_model()  # model or adapter, and the tokenizer (processing_class)
-    metrics = {
+    description = {
         "task": "translation", "model": model_name, "data": source, "lora": lora_args.use_lora,
         "pair": f"{data_args.source_lang}-{data_args.target_lang}",
         "smoothing_method": training_args.smoothing_method, "smoothing_alpha": training_args.smoothing_alpha,
         "smoothing_alpha_end": training_args.smoothing_alpha_end, "seed": training_args.seed,
-        "train_examples": len(train), "eval_examples": len(evaluation), "world_size": training_args.world_size,
-        "global_step": trainer.state.global_step,
+        "train_examples": len(train), "eval_examples": len(evaluation),
         "generation_num_beams": training_args.generation_num_beams,
-        **train_result.metrics, **training_summary(trainer.state.log_history), **eval_metrics,
     }
-    metrics["wall_seconds"] = time.time() - started
-    if trainer.is_world_process_zero():
-        write_metrics(training_args.output_dir, metrics)
-        trainer.save_eval_diagnostics(training_args.output_dir)
+
+    def write_predictions(output_dir: str) -> None:
         if bleu.hypotheses:
-            bleu.save(os.path.join(training_args.output_dir, "eval_predictions.jsonl"))
-        with open(os.path.join(training_args.output_dir, "log_history.json"), "w") as f:
-            json.dump(trainer.state.log_history, f, indent=1)
-        print_results(f"translation: {model_name}, {training_args.smoothing_method}", metrics, metrics["wall_seconds"])
+            bleu.save(os.path.join(output_dir, "eval_predictions.jsonl"))
+
+    metrics = train_and_report(
+        trainer, checkpoint=checkpoint, description=description, started=started, script=__file__, argv=argv,
+        title=f"translation: {model_name}, {training_args.smoothing_method}", write_extra=write_predictions,
+    )
     return metrics, trainer
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(argv)[0]
+    return recipe_main(run, argv)
 
 
 if __name__ == "__main__":

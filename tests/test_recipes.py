@@ -503,14 +503,25 @@ CLM_BAD = ["missing model dir", "missing data file", "missing column", "half ins
            "unknown key in config file", "ramp without end"]
 
 
+def recipe_error(recipe, argv: list[str], capsys) -> str:
+    """Run a recipe that must refuse its input: exit status 2 and exactly one line `error: ...` on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        recipe.main(argv)
+    err = capsys.readouterr().err
+    assert raised.value.code == 2, (raised.value.code, err[-2000:])
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
 @pytest.mark.parametrize("case", CLM_BAD)
-def test_clm_bad_arguments_stop_before_training(case, llama_dir, text_files, tmp_path, no_training):
+def test_clm_bad_arguments_stop_before_training(case, llama_dir, text_files, tmp_path, no_training, capsys):
     clm = load_recipe("clm")
     argv, message = clm_bad_cases(str(llama_dir), str(text_files[0]), str(text_files[1]), tmp_path)[case]
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as raised:
-        clm.main(argv + ["--output_dir", str(out)])
-    assert message in str(raised.value.code), raised.value.code
+    line = recipe_error(clm, argv + ["--output_dir", str(out)], capsys)
+    assert message in line, line
     assert not (out / "metrics.json").exists()
 
 
@@ -532,13 +543,13 @@ def test_bad_choice_is_rejected_by_argparse(llama_dir, text_files, tmp_path, cap
         (["--label_smoothing_factor", "0.1"], "both smooth the loss"),
     ],
 )
-def test_translation_bad_arguments_stop_before_training(extra, message, translation_files, tmp_path, no_training):
+def test_translation_bad_arguments_stop_before_training(extra, message, translation_files, tmp_path, no_training,
+                                                        capsys):
     translation = load_recipe("translation")
     train_file, dev_file, _ = translation_files
-    with pytest.raises(SystemExit) as raised:
-        translation.main(["--train_file", str(train_file), "--validation_file", str(dev_file),
-                          "--output_dir", str(tmp_path / "out"), *extra])
-    assert message in str(raised.value.code), raised.value.code
+    line = recipe_error(translation, ["--train_file", str(train_file), "--validation_file", str(dev_file),
+                                      "--output_dir", str(tmp_path / "out"), *extra], capsys)
+    assert message in line, line
 
 
 # ---- every written launch command names only flags that exist --------------------------------------------------------
