@@ -271,3 +271,26 @@ def test_smoothed_loss_reports_token_weighted_eval_metrics(tmp_path):
     trainer.train()  # and the training log line agrees with itself
     line = next(h for h in trainer.state.log_history if "nll" in h)
     assert line["loss"] == pytest.approx(line["nll"] + line["smoothing_penalty"], abs=1e-6)
+
+
+def test_fused_function_under_autocast_accepts_bf16_hidden_with_float32_weight():
+    """Under autocast nn.Linear takes bf16 activations with float32 weights; so must the fused loss, with the same
+    value and gradients as nn.Linear + F.cross_entropy under the same autocast (float32 reductions)."""
+    from hf_smooth import fused_linear_smoothed_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8).bfloat16().requires_grad_()
+    weight = torch.randn(32, 8, requires_grad=True)
+    labels = torch.randint(0, 32, (2, 5))
+    labels[0, :2] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fused_linear_smoothed_loss(hidden, weight, labels, method="label_smoothing", epsilon=0.1)
+        logits = torch.nn.functional.linear(hidden, weight)
+    assert logits.dtype == torch.bfloat16
+    theirs = F.cross_entropy(logits.float().reshape(-1, 32), labels.reshape(-1), label_smoothing=0.1)
+    g_ours = torch.autograd.grad(ours, (hidden, weight))
+    g_theirs = torch.autograd.grad(theirs, (hidden, weight))
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-3)
+    assert g_ours[1].dtype == torch.float32 and g_ours[0].dtype == torch.bfloat16
+    for a, b in zip(g_ours, g_theirs):
+        assert (a.float() - b.float()).abs().max().item() <= 2e-2 * b.float().abs().max().item()
