@@ -62,6 +62,8 @@ from .losses import (
 )
 
 __all__ = [
+    "LogitTransform",
+    "OutputHead",
     "default_chunk_size",
     "fused_linear_smoothed_loss",
     "fused_linear_smoothed_loss_for_module",
@@ -115,13 +117,45 @@ def default_chunk_size(num_rows: int, hidden_size: int, vocab_size: int, device:
 
 
 @dataclass(frozen=True)
-class _Head:
-    """``z = softcap(scale * (h @ W.T + b))`` on one chunk, and its derivative."""
+class LogitTransform:
+    """What a model does to ``h @ W.T + b`` before its loss: ``z = softcap(scale * s)``, ``softcap(s) =
+    cap * tanh(s / cap)``, and its derivative. The one place this post-processing is written."""
 
     scale: float = 1.0
     cap: float | None = None
 
+    @classmethod
+    def from_knobs(cls, logit_scale: float | None = None, final_logit_softcapping: float | None = None):
+        """From the keyword arguments of the fused loss, validated."""
+        scale = 1.0 if logit_scale is None else float(logit_scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"logit_scale must be a finite number, got {logit_scale}.")
+        cap = None
+        if final_logit_softcapping is not None:
+            cap = float(final_logit_softcapping)
+            if not (math.isfinite(cap) and cap > 0):
+                raise ValueError(
+                    f"final_logit_softcapping must be a positive number or None, got {final_logit_softcapping}."
+                )
+        return cls(scale=scale, cap=cap)
+
+    @classmethod
+    def from_config(cls, config):
+        """The post-processing of known architectures: Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``,
+        Gemma 2's ``final_logit_softcapping``."""
+        scale = getattr(config, "logit_scale", None)
+        granite = getattr(config, "logits_scaling", None)
+        if granite:
+            scale = (scale or 1.0) / float(granite)
+        return cls.from_knobs(scale, getattr(config, "final_logit_softcapping", None))
+
+    def apply(self, s: torch.Tensor) -> torch.Tensor:
+        """``z`` from ``s = h @ W.T + b``, out of place (differentiable)."""
+        z = s * self.scale if self.scale != 1.0 else s
+        return self.cap * torch.tanh(z / self.cap) if self.cap is not None else z
+
     def transform_(self, z: torch.Tensor) -> torch.Tensor:
+        """`apply`, in place on one chunk."""
         if self.cap is not None:
             z.mul_(self.scale / self.cap).tanh_().mul_(self.cap)
         elif self.scale != 1.0:
@@ -156,7 +190,7 @@ class _Workspace:
         self.work = torch.empty(self.block_rows, vocab_size, dtype=cdtype, device=device)
         self.low = None if dtype == cdtype else torch.empty(rows, vocab_size, dtype=dtype, device=device)
 
-    def logits(self, x, weight, bias, head: _Head) -> torch.Tensor:
+    def logits(self, x, weight, bias, head: LogitTransform) -> torch.Tensor:
         """``softcap(scale * (x @ W.T + b))`` in the compute dtype, in ``self.z``: one GEMM in the input dtype."""
         rows = x.shape[0]
         z = self.z[:rows]
@@ -178,7 +212,7 @@ class _Workspace:
         n = z.shape[0]
         return chunk_forward(z, target, z.new_ones(n, dtype=torch.bool), coefs, workspace=self.work[:n])
 
-    def logit_grad_(self, z, target, stats, coefs, head: _Head, row_scale) -> None:
+    def logit_grad_(self, z, target, stats, coefs, head: LogitTransform, row_scale) -> None:
         """Overwrite one block of logits with ``d loss / d (x @ W.T + b)``."""
         out = z if head.cap is None else self.work[: z.shape[0]]
         head.chain_into_(z, chunk_logit_grad(z, target, stats, coefs, row_scale, out=out))
@@ -205,7 +239,7 @@ class _Workspace:
 @dataclass(frozen=True)
 class _Plan:
     coefs: Coefficients
-    head: _Head
+    head: LogitTransform
     ignore_index: int
     reduction: str
     num_items_in_batch: object
@@ -371,20 +405,6 @@ def _resolve_knobs(method, epsilon, alpha) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-def _resolve_head(logit_scale, final_logit_softcapping) -> _Head:
-    scale = 1.0 if logit_scale is None else float(logit_scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"logit_scale must be a finite number, got {logit_scale}.")
-    cap = None
-    if final_logit_softcapping is not None:
-        cap = float(final_logit_softcapping)
-        if not (math.isfinite(cap) and cap > 0):
-            raise ValueError(
-                f"final_logit_softcapping must be a positive number or None, got {final_logit_softcapping}."
-            )
-    return _Head(scale=scale, cap=cap)
-
-
 def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if not torch.is_tensor(weight) or weight.dim() != 2:
         shape = tuple(weight.shape) if torch.is_tensor(weight) else type(weight).__name__
@@ -490,7 +510,7 @@ def fused_linear_smoothed_loss(
     vocab_size, hidden_size = weight.shape
     if convention == "fairseq" and epsilon > 0 and vocab_size < 2:
         raise ValueError("The fairseq convention spreads eps over K - 1 classes and needs K >= 2.")
-    head = _resolve_head(logit_scale, final_logit_softcapping)
+    head = LogitTransform.from_knobs(logit_scale, final_logit_softcapping)
     flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
     _check_label_range(labels, vocab_size, ignore_index)  # the labels as given: it names a narrow dtype
 
@@ -608,6 +628,66 @@ def output_layer_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor 
     return module.weight, module.bias
 
 
+class OutputHead:
+    """A model's output layer as the loss sees it: the module (``nn.Linear`` or peft ``lora.Linear``) and the
+    post-processing of its output (`LogitTransform`). Used alike by the fused loss, its fallback and the
+    reconstruction check.
+
+    - `linear`: ``(weight, bias)`` with ``module(x) == F.linear(x, weight, bias)`` (LoRA adapters folded in, so they
+      train; Liger's fused path reads ``lm_head.weight`` only and leaves a LoRA ``lm_head`` untrained, TRL#4612), or
+      the reason there is none (quantized or hooked layers, LoRA dropout in training, DoRA, ...).
+    - `logits`: ``transform(module(hidden))``, materialized.
+    - `loss`: the fused loss when `linear` exists, else a warning with the reason and the materialized path.
+    - `check`: compare `logits` with logits the model produced itself.
+    """
+
+    def __init__(self, module: nn.Module, transform: LogitTransform | None = None):
+        self.module = module
+        self.transform = transform or LogitTransform()
+
+    def linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+        return output_layer_weights(self.module)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.transform.apply(self.module(hidden))
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, *, method=None, epsilon=None, alpha=None, **kwargs):
+        """[`fused_linear_smoothed_loss`] of this head; keyword arguments as there (without bias, scale, cap)."""
+        weights = self.linear()
+        if isinstance(weights, str):
+            warnings.warn(
+                f"hf_smooth fused loss: {weights}; falling back to module(hidden) and smoothed_cross_entropy "
+                "(the full logits are materialized).",
+                stacklevel=3,
+            )
+            epsilon, alpha = _resolve_knobs(method, epsilon, alpha)
+            return smoothed_cross_entropy(self.logits(hidden), labels, epsilon=epsilon, alpha=alpha, **kwargs)
+        weight, bias = weights
+        return fused_linear_smoothed_loss(
+            hidden, weight, labels, bias=bias, method=method, epsilon=epsilon, alpha=alpha,
+            logit_scale=self.transform.scale, final_logit_softcapping=self.transform.cap, **kwargs,
+        )
+
+    def check(self, model_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Raise unless `logits(hidden)` equals `model_logits` (same positions), to the rounding of their dtype.
+
+        Call it under the autocast state the model ran under, so both sides are computed in the same dtype.
+        """
+        with torch.no_grad():
+            rebuilt = self.logits(hidden).float()
+            reference = model_logits.float()
+            error = (rebuilt - reference).abs().max().item()
+            scale = reference.abs().max().item() + 1e-6
+        relative = max(1e-3, 8 * torch.finfo(model_logits.dtype).eps)
+        if not error <= relative * scale + 1e-4:
+            raise ValueError(
+                "smoothing_fused_loss: the model's logits are not output_layer(backbone hidden states) with the known "
+                f"post-processing (max abs difference {error:.3g}, logits in {model_logits.dtype}). This architecture "
+                "transforms its hidden states or logits in a way hf_smooth.fused does not reproduce; set "
+                "smoothing_fused_loss=False."
+            )
+
+
 def fused_linear_smoothed_loss_for_module(
     hidden: torch.Tensor,
     module: nn.Module,
@@ -617,13 +697,12 @@ def fused_linear_smoothed_loss_for_module(
     final_logit_softcapping: float | None = None,
     **kwargs,
 ):
-    """[`fused_linear_smoothed_loss`] for an output module (`model.get_output_embeddings()`).
+    """[`fused_linear_smoothed_loss`] for an output module (`model.get_output_embeddings()`): `OutputHead.loss`.
 
     - `nn.Linear`: its `weight` and `bias`.
     - peft `lora.Linear`: the adapters folded into an effective weight `W + scaling * B @ A` (plus `scaling * b_B`
-      with `lora_bias`), so the adapter trains (Liger's fused path reads `lm_head.weight` only and leaves a LoRA
-      `lm_head` untrained, TRL#4612). Valid only while `module(x)` equals that linear map: lora_dropout inactive
-      (p = 0 or eval mode), no DoRA or other variant, plain `nn.Linear` base layer.
+      with `lora_bias`), so the adapter trains. Valid only while `module(x)` equals that linear map: lora_dropout
+      inactive (p = 0 or eval mode), no DoRA or other variant, plain `nn.Linear` base layer.
     - Anything else, or a LoRA layer outside those conditions: `warnings.warn` with the reason, then the unfused path
       `module(hidden)` (+ scale / soft-cap) and [`smoothed_cross_entropy`], which materializes the logits.
 
@@ -631,28 +710,5 @@ def fused_linear_smoothed_loss_for_module(
     """
     if "bias" in kwargs:
         raise TypeError("fused_linear_smoothed_loss_for_module takes the bias from the module; do not pass bias=.")
-    weights = output_layer_weights(module)
-    if isinstance(weights, str):
-        warnings.warn(
-            f"hf_smooth fused loss: {weights}; falling back to module(hidden) and smoothed_cross_entropy "
-            "(the full logits are materialized).",
-            stacklevel=2,
-        )
-        return _unfused_for_module(hidden, module, labels, logit_scale, final_logit_softcapping, **kwargs)
-    weight, bias = weights
-    return fused_linear_smoothed_loss(
-        hidden, weight, labels, bias=bias, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
-        **kwargs,
-    )
-
-
-def _unfused_for_module(hidden, module, labels, logit_scale, final_logit_softcapping, *, method=None, epsilon=None,
-                        alpha=None, **kwargs):
-    epsilon, alpha = _resolve_knobs(method, epsilon, alpha)
-    head = _resolve_head(logit_scale, final_logit_softcapping)
-    logits = module(hidden)
-    if head.scale != 1.0:
-        logits = logits * head.scale
-    if head.cap is not None:
-        logits = head.cap * torch.tanh(logits / head.cap)
-    return smoothed_cross_entropy(logits, labels, epsilon=epsilon, alpha=alpha, **kwargs)
+    head = OutputHead(module, LogitTransform.from_knobs(logit_scale, final_logit_softcapping))
+    return head.loss(hidden, labels, **kwargs)

@@ -8,10 +8,10 @@ checkpointing and PEFT injection behave as usual. Two things change:
 - a forward hook on the backbone (``model.base_model``) captures the final hidden states, which the fused loss
   projects chunk by chunk with the output layer's weight.
 
-Whatever a model does between its backbone and its logits must be reproduced here. Bias, LoRA on the output layer,
-``logit_scale`` (Cohere), ``logits_scaling`` (Granite) and ``final_logit_softcapping`` (Gemma 2) are; the first
-fused step checks the reconstruction against the model's own last-position logits and refuses to continue on a
-mismatch, so an unknown head fails loudly instead of training the wrong objective.
+Whatever a model does between its backbone and its logits must be reproduced (`hf_smooth.fused.OutputHead`): bias,
+LoRA on the output layer, ``logit_scale`` (Cohere), ``logits_scaling`` (Granite) and ``final_logit_softcapping``
+(Gemma 2) are; the first fused step checks the reconstruction against the model's own last-position logits and
+refuses to continue on a mismatch, so an unknown head fails loudly instead of training the wrong objective.
 
 Mixed precision: accelerate's autocast wraps ``model.forward`` only, so the loss, computed after the forward
 returns, would run outside it. The hook records the autocast state the backbone ran under, and the projection (and
@@ -29,16 +29,7 @@ from torch import nn
 
 from .modeling import align_targets, is_encoder_decoder, unwrap_model
 
-__all__ = ["FusedRoute", "fused_unsupported_reason", "head_transform"]
-
-
-def head_transform(config) -> dict:
-    """Logit post-processing of known architectures, as keyword arguments of the fused loss."""
-    scale = getattr(config, "logit_scale", None)
-    granite = getattr(config, "logits_scaling", None)
-    if granite:
-        scale = (scale or 1.0) / float(granite)
-    return {"logit_scale": scale, "final_logit_softcapping": getattr(config, "final_logit_softcapping", None)}
+__all__ = ["FusedRoute", "fused_unsupported_reason"]
 
 
 def fused_unsupported_reason(trainer, model: nn.Module) -> str | None:
@@ -74,32 +65,6 @@ def _logits_of(outputs) -> torch.Tensor:
     return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
 
 
-def _check_reconstruction(model_logits: torch.Tensor, hidden: torch.Tensor, head: nn.Module, transform: dict) -> None:
-    """Compare ``head(hidden)`` (+ scale / soft-cap) with the model's own last-position logits.
-
-    Called under the autocast state of the model's forward, so both sides are computed in the same dtype; the
-    tolerance follows that dtype (a bf16 GEMM in another kernel may round differently).
-    """
-    with torch.no_grad():
-        rebuilt = head(hidden[:, -1:, :]).float()
-        if transform["logit_scale"] is not None:
-            rebuilt = rebuilt * transform["logit_scale"]
-        cap = transform["final_logit_softcapping"]
-        if cap:
-            rebuilt = cap * torch.tanh(rebuilt / cap)
-        reference = model_logits[:, -1:, :].float()
-        error = (rebuilt - reference).abs().max().item()
-        scale = reference.abs().max().item() + 1e-6
-    relative = max(1e-3, 8 * torch.finfo(model_logits.dtype).eps)
-    if not error <= relative * scale + 1e-4:
-        raise ValueError(
-            f"smoothing_fused_loss: the model's logits are not output_layer(backbone hidden states) with the known "
-            f"post-processing (max abs difference {error:.3g} on the last position, logits in {model_logits.dtype}). "
-            "This architecture transforms its hidden states or logits in a way hf_smooth.fused does not reproduce; "
-            "set smoothing_fused_loss=False."
-        )
-
-
 class FusedRoute:
     """The fused training forward of one model, decided once when the trainer first trains it.
 
@@ -112,13 +77,12 @@ class FusedRoute:
     def __init__(self, trainer, model: nn.Module):
         self.base = unwrap_model(model)
         self.reason = fused_unsupported_reason(trainer, model)
-        self.transform = head_transform(self.base.config) if self.reason is None else None
         self.steps = 0
 
     def __call__(self, model, inputs, labels, shift_labels, knobs, num_items_in_batch, *, shift, ignore_index,
                  chunk_size):
         """One training forward scored by the fused loss: ``(loss, LossComponents, outputs)``."""
-        from .fused import fused_linear_smoothed_loss_for_module
+        from .fused import LogitTransform, OutputHead
 
         captured = {}
 
@@ -134,24 +98,18 @@ class FusedRoute:
         finally:
             handle.remove()
         hidden = captured["hidden"]
-        head = self.base.get_output_embeddings()
+        # Read each step: PEFT may have wrapped the output layer since the route was built.
+        head = OutputHead(self.base.get_output_embeddings(), LogitTransform.from_config(self.base.config))
         device_type, autocast_dtype, autocast_on = captured["autocast"]
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
             if self.steps == 0:
-                _check_reconstruction(_logits_of(outputs), hidden, head, self.transform)
+                head.check(_logits_of(outputs)[:, -1:, :], hidden[:, -1:, :])
             targets = align_targets(
                 labels, shift_labels, shift=shift, sequence_length=hidden.shape[-2], ignore_index=ignore_index
             ).to(hidden.device)
-            loss, parts = fused_linear_smoothed_loss_for_module(
-                hidden,
-                head,
-                targets,
-                **knobs,
-                **self.transform,
-                ignore_index=ignore_index,
-                num_items_in_batch=num_items_in_batch,
-                chunk_size=chunk_size,
-                return_components=True,
+            loss, parts = head.loss(
+                hidden, targets, **knobs, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+                chunk_size=chunk_size, return_components=True,
             )
         self.steps += 1
         return loss, parts, outputs
