@@ -161,10 +161,6 @@ class SmoothingArguments:
 
     # ---- derived values ------------------------------------------------------------------------------------------
 
-    def smoothing_options(self) -> dict:
-        """The `SmoothingArguments` fields alone (to copy them into another argument object or a log)."""
-        return {name: getattr(self, name) for name in SmoothingArguments.__dataclass_fields__}
-
     def alpha_at(self, step: int, total_steps: int | None) -> float:
         """Strength used at optimizer step `step` (0-based) of `total_steps`."""
         if self.smoothing_method == "none":

@@ -273,9 +273,6 @@ class Coefficients:
             return self.epsilon
         return self.epsilon * k / (k - 1.0)
 
-    @property
-    def trivial(self) -> bool:
-        return self.epsilon == 0.0 and self.alpha == 0.0
 
 
 @dataclass

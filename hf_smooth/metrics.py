@@ -64,7 +64,6 @@ from .losses import _check_inputs, _check_label_range, compute_dtype, perplexity
 
 __all__ = [
     "DEFAULT_GAP_EDGES",
-    "EvalAccumulator",
     "MetricsLayout",
     "TokenMetrics",
     "equal_mass_ece",
@@ -749,9 +748,6 @@ def _check_saved_keys(state: dict[str, Any], where: str) -> None:
             "TokenMetrics.save."
         )
 
-
-# The name hf_smooth's evaluation loop uses for the same accumulator.
-EvalAccumulator = TokenMetrics
 
 
 @torch.no_grad()

@@ -419,9 +419,9 @@ class SmoothLossMixin:
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        from .metrics import EvalAccumulator
+        from .metrics import TokenMetrics
 
-        self._eval_accumulator = EvalAccumulator(
+        self._eval_accumulator = TokenMetrics(
             num_bins=self.smoothing_args.smoothing_ece_bins,
             diagnostics=self.smoothing_args.smoothing_eval_diagnostics,
         )
