@@ -210,7 +210,8 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         path = Path(argv.pop(0))
         values, text = _read_config_file(path)
-        actions = {action.dest: action for action in parser._actions if action.option_strings}
+        # The flag named after each field (not the `--no_<field>` switch HfArgumentParser adds for True booleans).
+        actions = {action.dest: action for action in parser._actions if f"--{action.dest}" in action.option_strings}
         unknown = sorted(key for key in values if key not in actions)
         if unknown:
             raise RecipeError(
@@ -368,9 +369,9 @@ def load_data_files(builder: str, files: dict[str, str], flags: dict[str, str]):
 
 # ---- the output directory -------------------------------------------------------------------------------------------
 
-# Every file and folder a run writes into --output_dir, as full-match patterns: the only names
-# --overwrite_output_dir removes (anything else there is the user's and stays). Resuming removes them too, except
-# the checkpoints, because the resumed run writes them all again.
+# Every file and folder a run writes into --output_dir, as full-match patterns (plus peft's README.md, see
+# `is_run_output`): the only names --overwrite_output_dir removes (anything else there is the user's and stays).
+# Resuming removes them too, except the checkpoints, because the resumed run writes them all again.
 RUN_OUTPUTS = (
     # model or LoRA adapter (save_pretrained), and the TrainingArguments save_model writes beside it
     r"config\.json", r"generation_config\.json", WEIGHT_FILES.pattern, r"adapter_config\.json",
@@ -389,8 +390,14 @@ _RUN_OUTPUT = re.compile("|".join(f"(?:{pattern})" for pattern in RUN_OUTPUTS))
 _PROBE_PREFIX = ".hf_smooth-write-check-"  # the start-up write check's file, removed at once; never counted
 
 
-def is_run_output(name: str) -> bool:
-    return _RUN_OUTPUT.fullmatch(name) is not None
+def is_run_output(entry: Path) -> bool:
+    """Whether `entry` (a path in --output_dir) is something a run writes: its name is in `RUN_OUTPUTS`, or it is the
+    README.md model card peft writes beside an adapter (recognized by its front matter; any other README stays)."""
+    if entry.name == "README.md":
+        with contextlib.suppress(OSError):
+            return entry.is_file() and "library_name: peft" in entry.read_text(errors="replace")[:2000]
+        return False
+    return _RUN_OUTPUT.fullmatch(entry.name) is not None
 
 
 def _listing(entries: list[Path], limit: int = 4) -> str:
@@ -473,7 +480,7 @@ def clear_previous_outputs(args, *, resuming: bool) -> list[str]:
         for entry in sorted(out.iterdir()):
             if entry.name.startswith(_PROBE_PREFIX):
                 continue
-            if not is_run_output(entry.name) or (resuming and entry.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")):
+            if not is_run_output(entry) or (resuming and entry.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")):
                 kept.append(entry)
                 continue
             if entry.is_dir() and not entry.is_symlink():
@@ -756,6 +763,7 @@ def train_and_report(trainer, *, checkpoint: str | None, description: dict, titl
                   file=sys.stderr, flush=True)
         raise
     trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()  # again, so trainer_state.json holds the evaluation's log too
     metrics = {
         **description, "world_size": args.world_size, "global_step": trainer.state.global_step,
         **train_result.metrics, **training_summary(trainer.state.log_history), **eval_metrics,

@@ -115,26 +115,30 @@ def assert_same_run(resumed: Path, reference: Path, steps: int) -> None:
 # ---- in-process interrupt and resume (fast) -------------------------------------------------------------------------
 
 
-def interrupt_during_step(monkeypatch, trainer_class, step: int) -> None:
-    """Send SIGINT to this process once, from inside optimizer step `step` (1-based), as Ctrl-C would."""
+def interrupt_during_step(monkeypatch, trainer_class, step: int, signum: int = signal.SIGINT, times: int = 1) -> None:
+    """Send `signum` to this process `times` times from inside optimizer step `step` (1-based), as Ctrl-C would."""
     original = trainer_class.training_step
     sent = []
 
     def training_step(self, *args, **kwargs):
         if self.state.global_step == step - 1 and not sent:
             sent.append(step)
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)  # let the handler run before the next one
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(trainer_class, "training_step", training_step)
 
 
-def run_interrupted(recipe, argv, monkeypatch, capsys, trainer_class, step: int) -> str:
+def run_interrupted(recipe, argv, monkeypatch, capsys, trainer_class, step: int, signum=signal.SIGINT) -> str:
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with monkeypatch.context() as patch:
-        interrupt_during_step(patch, trainer_class, step)
+        interrupt_during_step(patch, trainer_class, step, signum)
         with pytest.raises(SystemExit) as raised:
             recipe.main(argv)
-    assert raised.value.code == 128 + signal.SIGINT
+    assert raised.value.code == 128 + signum
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the recipe's handlers are gone again
     return capsys.readouterr().err
 
 
@@ -172,8 +176,163 @@ def test_translation_interrupt_and_resume_across_epochs_in_process(translation_f
     reference, out = tmp_path / "reference", tmp_path / "out"
     translation.main(translation_argv(translation_files, reference, steps))
 
-    run_interrupted(translation, translation_argv(translation_files, out, steps), monkeypatch, capsys,
-                    translation.TranslationTrainer, 6)  # in the second epoch
+    err = run_interrupted(translation, translation_argv(translation_files, out, steps), monkeypatch, capsys,
+                          translation.TranslationTrainer, 6, signal.SIGTERM)  # in the second epoch
+    assert "Interrupted by SIGTERM at step 6 of 10" in err
     check_interrupted_dir(out, 6)
     translation.main(translation_argv(translation_files, out, steps) + ["--resume_from_checkpoint", "true"])
     assert_same_run(out, reference, steps)
+
+
+def test_resume_from_a_checkpoint_path_full_weights(llama_dir, text_files, tmp_path):
+    """--resume_from_checkpoint <path> from a --save_strategy steps run, into another folder, all weights: same end,
+    and the checkpoints go on numbering from the resumed step."""
+    clm = load_recipe("clm")
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    full = ["--use_lora", "false", "--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "3"]
+    clm.main(clm_argv(llama_dir, text_files, reference, 6) + full)
+    assert (reference / "checkpoint-3").is_dir() and (reference / "checkpoint-6").is_dir()
+    clm.main(clm_argv(llama_dir, text_files, out, 6) + full
+             + ["--resume_from_checkpoint", str(reference / "checkpoint-3")])
+    assert_same_run(out, reference, 6)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+
+
+def test_second_ctrl_c_aborts_without_saving(llama_dir, text_files, tmp_path, monkeypatch):
+    """Ctrl-C twice: Python's KeyboardInterrupt, no checkpoint; the log of the steps already done is on disk."""
+    clm = load_recipe("clm")
+    out = tmp_path / "out"
+    interrupt_during_step(monkeypatch, clm.ClmTrainer, 2, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        clm.main(clm_argv(llama_dir, text_files, out, 6))
+    assert not list(out.glob("checkpoint-*"))
+    assert [row[0] for row in train_curve(out)] == [1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_failed_evaluation_leaves_the_trained_model(llama_dir, text_files, tmp_path, monkeypatch, capsys):
+    """An exception in evaluation: the adapter, tokenizer, trainer_state.json, train_results.json and the log are
+    already saved, and stderr says so."""
+    clm = load_recipe("clm")
+    out = tmp_path / "out"
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(clm.ClmTrainer, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        clm.main(clm_argv(llama_dir, text_files, out, 3))
+    assert "the trained model, trainer_state.json and log_history.json are saved in" in capsys.readouterr().err
+    for name in ("adapter_config.json", "tokenizer.json", "trainer_state.json", "train_results.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "metrics.json").exists()
+    adapter = saved_weights(out)
+    lora_b = [value for key, value in adapter.items() if "lora_B" in key]
+    assert lora_b and all(value.abs().max() > 0 for value in lora_b)  # B starts at zero: these are trained weights
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    assert [row[0] for row in train_curve(out)] == [1, 2, 3]
+
+
+# ---- an existing --output_dir ---------------------------------------------------------------------------------------
+
+
+def recipe_error(recipe, argv, capsys) -> str:
+    from test_recipes import recipe_error as check
+
+    return check(recipe, argv, capsys)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    from transformers import Trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started although the run had to be refused")
+
+    monkeypatch.setattr(Trainer, "train", refuse)
+
+
+def test_non_empty_output_dir_is_refused(llama_dir, text_files, tmp_path, capsys, no_training):
+    clm = load_recipe("clm")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_bytes(b"mine\n")
+    line = recipe_error(clm, clm_argv(llama_dir, text_files, out, 3), capsys)
+    assert f"--output_dir {out} is not empty (notes.txt)" in line and "--overwrite_output_dir true" in line
+    assert "--resume_from_checkpoint" not in line  # nothing to resume from
+    (out / "checkpoint-3").mkdir()
+    line = recipe_error(clm, clm_argv(llama_dir, text_files, out, 3), capsys)
+    assert "--resume_from_checkpoint true to continue from checkpoint-3" in line
+    assert (out / "notes.txt").read_bytes() == b"mine\n"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resume_from_checkpoint", "true"], "no checkpoint-<step> folder in --output_dir"),
+        (["--resume_from_checkpoint", "{tmp}/nowhere"], "nowhere: no such directory"),
+        (["--resume_from_checkpoint", "{tmp}/half"], "is not a complete Trainer checkpoint (no trainer_state.json"),
+        (["--resume_from_checkpoint", "true", "--overwrite_output_dir", "true"], "give only one of them"),
+        (["--output_dir", "{tmp}/a_file/out"], "cannot be written"),
+        (["--output_dir", "{tmp}/a_file"], "is a file, not a directory"),
+    ],
+)
+def test_bad_resume_and_output_dir(extra, message, llama_dir, text_files, tmp_path, capsys, no_training):
+    clm = load_recipe("clm")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "a_file").write_text("x")
+    extra = [value.replace("{tmp}", str(tmp_path)) for value in extra]
+    line = recipe_error(clm, clm_argv(llama_dir, text_files, tmp_path / "out", 3) + extra, capsys)
+    assert message in line, line
+
+
+def test_overwrite_replaces_only_a_runs_files(translation_files, tmp_path, capsys):
+    """A second run with --overwrite_output_dir true: no file of the first run survives (here the first run's
+    eval_predictions.jsonl and BLEU, which the second run, without generation, does not write), and files the user
+    put there are kept byte for byte. Also: every file a run writes is in RUN_OUTPUTS, and the HF example-script
+    outputs agree with metrics.json."""
+    translation = load_recipe("translation")
+    common = sys.modules["common"]
+    out = tmp_path / "out"
+    translation.main(translation_argv(translation_files, out, 2))
+    written = sorted(out.iterdir())
+    assert [p.name for p in written if not common.is_run_output(p)] == []
+    for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json",
+                 "eval_predictions.jsonl"):
+        assert (out / name).is_file(), name
+    check_hf_outputs(out)
+    assert "eval_bleu" in json.loads((out / "all_results.json").read_text())
+
+    mine = {"notes.txt": b"my notes\n", "README.md": b"# my experiment\n", "data/pairs.jsonl": b"{}\n",
+            "checkpoint-notes.txt": b"not a checkpoint\n"}
+    for name, data in mine.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_bytes(data)
+    capsys.readouterr()
+    translation.main(translation_argv(translation_files, out, 2) + ["--overwrite_output_dir", "true",
+                                                                      "--predict_with_generate", "false"])
+    assert f"Removed {len(written)} outputs of the previous run" in capsys.readouterr().out
+    for name, data in mine.items():
+        assert (out / name).read_bytes() == data, name
+    assert not (out / "eval_predictions.jsonl").exists()
+    assert "eval_bleu" not in json.loads((out / "metrics.json").read_text())
+    assert "eval_bleu" not in json.loads((out / "all_results.json").read_text())  # not merged into a stale file
+    check_hf_outputs(out)
+
+
+def check_hf_outputs(out: Path) -> None:
+    """train/eval/all_results.json and trainer_state.json as transformers' example scripts write them, consistent with
+    the project's own metrics.json and log_history.json."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    train = json.loads((out / "train_results.json").read_text())
+    evaluation = json.loads((out / "eval_results.json").read_text())
+    assert {"train_loss", "train_runtime", "train_samples_per_second"} <= train.keys()
+    assert {"eval_loss", "eval_nll", "eval_accuracy"} <= evaluation.keys()
+    for key, value in {**train, **evaluation}.items():
+        if key != "epoch":
+            assert metrics[key] == pytest.approx(value, rel=1e-12), key
+    assert json.loads((out / "all_results.json").read_text()) == {**train, **evaluation}
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == metrics["global_step"]
+    assert state["log_history"] == json.loads((out / "log_history.json").read_text())

@@ -495,12 +495,78 @@ def clm_bad_cases(llama, train, dev, tmp):
         "unknown flag": (base + ["--lora_rank", "8"], "not used by the HfArgumentParser"),
         "unknown key in config file": ([str(bad_yaml)] + base, "unknown argument(s) ['lora_rank']"),
         "ramp without end": (base + ["--smoothing_schedule", "linear"], "needs smoothing_alpha_end"),
+        **bad_input_cases(llama, train, dev, tmp),
+    }
+
+
+def write(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def bad_input_cases(llama: str, train: str, dev: str, tmp: Path) -> dict:
+    """Issue 11.5: ordinary mistakes in files and values, each answered with one line naming the flag or file."""
+    base = ["--model_name_or_path", llama, "--train_file", train, "--validation_file", dev]
+    bad_utf8 = b"A first line of text.\nA se\xffcond line.\n"
+    offset = bad_utf8.index(b"\xff")  # the oracle: where the bad byte is
+    model_dir = Path(llama)
+    no_tokenizer = tmp / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((model_dir / name).read_bytes())
+    config_only = tmp / "config_only"
+    config_only.mkdir()
+    (config_only / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    (tmp / "empty_model_dir").mkdir()
+    yaml_file = write(tmp / "syntax.yaml", b"max_steps: 3\nlearning_rate: 1e-3: 2\nseed: 1\n")
+    json_file = write(tmp / "syntax.json", b'{"max_steps": 3,\n "seed": 1,\n}\n')
+    return {
+        "empty train file": (["--model_name_or_path", llama, "--train_file", write(tmp / "empty.txt", b"\n \n")],
+                             f"--train_file {tmp / 'empty.txt'} is empty"),
+        "empty validation file": (["--model_name_or_path", llama, "--train_file", train, "--validation_file",
+                                   write(tmp / "empty_dev.txt", b"")],
+                                  f"--validation_file {tmp / 'empty_dev.txt'} is empty"),
+        "empty jsonl": (["--model_name_or_path", llama, "--train_file", write(tmp / "empty.jsonl", b""),
+                         "--prompt_column", "prompt", "--completion_column", "completion"], "empty.jsonl is empty"),
+        "invalid utf-8": (["--model_name_or_path", llama, "--train_file", write(tmp / "latin1.txt", bad_utf8)],
+                          f"--train_file {tmp / 'latin1.txt'}: invalid UTF-8 at byte {offset} (line 2)"),
+        "malformed jsonl": (["--model_name_or_path", llama, "--train_file",
+                             write(tmp / "broken.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": \n'),
+                             "--prompt_column", "prompt", "--completion_column", "completion"],
+                            f"Could not read --train_file {tmp / 'broken.jsonl'} as json data"),
+        "null prompt": (["--model_name_or_path", llama, "--train_file",
+                         write(tmp / "null.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": null, '
+                               b'"completion": "c"}\n' * 20),
+                         "--prompt_column", "prompt", "--completion_column", "completion"],
+                        "rows have no text in column 'prompt' (first: row"),
+        "YAML syntax": ([yaml_file] + base, f"{yaml_file}:2:"),
+        "YAML syntax names the key": ([yaml_file] + base, "(key 'learning_rate')"),
+        "JSON syntax": ([json_file] + base, f"{json_file}:3:1: invalid JSON"),
+        "wrong type in config": ([write(tmp / "typed.yaml", b"seed: 1\nmax_steps: two\n")] + base,
+                                 f"{tmp / 'typed.yaml'}:2: max_steps: 'two' is not an integer"),
+        "wrong bool in config": ([write(tmp / "bool.yaml", b"use_lora: maybe\n")] + base,
+                                 "use_lora: 'maybe' is not true or false"),
+        "learning rate nan": (base + ["--learning_rate", "nan"], "--learning_rate nan: give a finite number"),
+        "negative learning rate": (base + ["--learning_rate", "-0.001"], "give a learning rate >= 0"),
+        "negative max_eval_samples": (base + ["--max_eval_samples", "-1"], "--max_eval_samples -1: give a number"),
+        "negative max_train_samples": (base + ["--max_train_samples", "-3"], "--max_train_samples -3: give a number"),
+        "model dir without files": (["--model_name_or_path", str(tmp / "empty_model_dir"), "--train_file", train],
+                                    "no config.json in this directory"),
+        "model dir without weights": (["--model_name_or_path", str(config_only), "--train_file", train],
+                                      "has config.json but no weights"),
+        "model dir without tokenizer": (["--model_name_or_path", str(no_tokenizer), "--train_file", train],
+                                        "no tokenizer files"),
     }
 
 
 CLM_BAD = ["missing model dir", "missing data file", "missing column", "half instruction format",
            "LoRA target not in model", "HF label smoothing + LS", "HF label smoothing alone", "unknown flag",
-           "unknown key in config file", "ramp without end"]
+           "unknown key in config file", "ramp without end", "empty train file", "empty validation file",
+           "empty jsonl", "invalid utf-8", "malformed jsonl", "null prompt", "YAML syntax",
+           "YAML syntax names the key", "JSON syntax", "wrong type in config", "wrong bool in config",
+           "learning rate nan", "negative learning rate", "negative max_eval_samples", "negative max_train_samples",
+           "model dir without files", "model dir without weights", "model dir without tokenizer"]
 
 
 def recipe_error(recipe, argv: list[str], capsys) -> str:
@@ -533,6 +599,10 @@ def test_bad_choice_is_rejected_by_argparse(llama_dir, text_files, tmp_path, cap
     assert raised.value.code == 2 and "invalid choice: 'focal'" in capsys.readouterr().err
 
 
+def jsonl(path: Path, rows: list) -> str:
+    return str(recipe_data.write_jsonl(path, rows))
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -541,15 +611,47 @@ def test_bad_choice_is_rejected_by_argparse(llama_dir, text_files, tmp_path, cap
         (["--model_name_or_path", "./no_such_model_dir"], "no such local directory"),
         (["--embedded_d_model", "48"], "multiple of 32"),
         (["--label_smoothing_factor", "0.1"], "both smooth the loss"),
+        (["--max_source_length", "-1"], "--max_source_length -1: give a number of tokens >= 1"),
+        (["--max_target_length", "0"], "--max_target_length 0: give a number of tokens >= 1"),
+        (["--generation_num_beams", "0"], "--generation_num_beams 0: give a number >= 1"),
+        (["--generation_max_length", "0"], "--generation_max_length 0: give a number >= 1"),
+        (["--max_eval_samples", "-1"], "--max_eval_samples -1: give a number of examples >= 0"),
+        (["--forced_bos_token", "deu_Latn"], "--forced_bos_token deu_Latn is not a token of"),
+        (["--tokenizer_source_lang", "en_XX"], "--tokenizer_source_lang en_XX: the tokenizer of"),
+        (["--validation_file", "{tmp}/empty.jsonl"], "--validation_file {tmp}/empty.jsonl is empty"),
+        (["--train_file", "{tmp}/missing_de.jsonl"], "2 of 4 rows lack a 'en' or 'de' text (first: row 2, no 'de')"),
+        (["--train_file", "{tmp}/null_en.jsonl"], "1 of 2 rows lack a 'en' or 'de' text (first: row 1, no 'en')"),
+        (["--train_file", "{tmp}/flat_null.jsonl", "--validation_file", "{tmp}/flat_dev.jsonl"],
+         "1 of 2 rows lack a 'en' or 'de' text (first: row 2, no 'de')"),
     ],
 )
 def test_translation_bad_arguments_stop_before_training(extra, message, translation_files, tmp_path, no_training,
                                                         capsys):
     translation = load_recipe("translation")
     train_file, dev_file, _ = translation_files
-    line = recipe_error(translation, ["--train_file", str(train_file), "--validation_file", str(dev_file),
-                                      "--output_dir", str(tmp_path / "out"), *extra], capsys)
-    assert message in line, line
+    (tmp_path / "empty.jsonl").write_text("\n")
+    pair = {"en": "I see two red cars", "de": "Ich sehe zwei rote Autos"}
+    jsonl(tmp_path / "missing_de.jsonl", [{"translation": pair}, {"translation": {"en": "a"}}, {"translation": pair},
+                                          {"translation": {"en": "b"}}])
+    jsonl(tmp_path / "null_en.jsonl", [{"translation": {"en": None, "de": "x"}}, {"translation": pair}])
+    jsonl(tmp_path / "flat_null.jsonl", [pair, {"en": "a", "de": None}])
+    jsonl(tmp_path / "flat_dev.jsonl", [pair])
+    argv = ["--train_file", str(train_file), "--validation_file", str(dev_file), "--output_dir", str(tmp_path / "out")]
+    argv += [value.replace("{tmp}", str(tmp_path)) for value in extra]
+    line = recipe_error(translation, argv, capsys)
+    assert message.replace("{tmp}", str(tmp_path)) in line, line
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    """As a user sees it: a real process, exit status 2, the last stderr line is the message, no traceback."""
+    typed = tmp_path / "run.yaml"
+    typed.write_text("max_steps: two\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(RECIPES / "translation.py"), str(typed), "--output_dir",
+                             str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {typed}:1: max_steps: 'two' is not an integer."
 
 
 # ---- every written launch command names only flags that exist --------------------------------------------------------
