@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -336,3 +337,66 @@ def check_hf_outputs(out: Path) -> None:
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == metrics["global_step"]
     assert state["log_history"] == json.loads((out / "log_history.json").read_text())
+
+
+# ---- real processes, interrupted from outside (slow) ----------------------------------------------------------------
+
+
+def recipe_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
+
+
+def wait_for_first_log(out: Path, process: subprocess.Popen, timeout: float = 400) -> None:
+    """Poll --output_dir until log_history.json holds a training log (it is replaced atomically, never half written)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, "the run ended before its first log:\n" + process.communicate()[1][-3000:]
+        path = out / "log_history.json"
+        if path.is_file() and any("loss" in log for log in json.loads(path.read_text())):
+            return
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"no training log in {out} after {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["clm", "translation"])
+def test_ctrl_c_in_a_real_run_then_the_printed_command_resumes_it(recipe, llama_dir, text_files, translation_files,
+                                                                    tmp_path):
+    """Each recipe as a user runs it: SIGINT after the first logged step (sent from outside, as Ctrl-C), exit 130,
+    then the command the run printed, executed as printed, finishes it with the same weights and loss curve as an
+    uninterrupted run of the same length."""
+    steps = 6 if recipe == "clm" else 10
+
+    def argv(out: Path) -> list[str]:
+        if recipe == "clm":
+            return clm_argv(llama_dir, text_files, out, steps)
+        return translation_argv(translation_files, out, steps)
+
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    script = str(RECIPES / f"{recipe}.py")
+    result = subprocess.run([sys.executable, script, *argv(reference)], cwd=ROOT, env=recipe_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    slow = [sys.executable, str(ROOT / "tests" / "scripts" / "slow_steps.py"), "0.5", script]
+    process = subprocess.Popen(slow + argv(out), cwd=ROOT, env=recipe_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_first_log(out, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    command = lines[lines.index("To continue, run the same command with --resume_from_checkpoint true:") + 1].strip()
+    assert command == f"python recipes/{recipe}.py {shlex.join(argv(out))} --resume_from_checkpoint true"
+    stopped = json.loads((out / "trainer_state.json").read_text())["global_step"]
+    assert 1 <= stopped < steps
+    check_interrupted_dir(out, stopped)
+
+    result = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT, env=recipe_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from {out / f'checkpoint-{stopped}'}" in result.stdout
+    assert_same_run(out, reference, steps)
