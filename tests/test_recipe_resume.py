@@ -400,3 +400,38 @@ def test_ctrl_c_in_a_real_run_then_the_printed_command_resumes_it(recipe, llama_
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming from {out / f'checkpoint-{stopped}'}" in result.stdout
     assert_same_run(out, reference, steps)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_accelerate_launch_two_cpu_processes(llama_dir, text_files, tmp_path):
+    """Ctrl-C reaches the launcher and both ranks (a process group, as a terminal sends it); the ranks stop at the
+    same step, the checkpoint is written, and a resumed 2-process run ends like an uninterrupted one."""
+    steps = 6
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    env = recipe_env()
+    env.pop("ACCELERATE_USE_CPU", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "recipes" / "configs" / "cpu_2proc.yaml")]
+    script = str(RECIPES / "clm.py")
+    result = subprocess.run([*launch, script, *clm_argv(llama_dir, text_files, reference, steps)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    slow = [str(ROOT / "tests" / "scripts" / "slow_steps.py"), "1.0", script]
+    process = subprocess.Popen([*launch, *slow, *clm_argv(llama_dir, text_files, out, steps)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_first_log(out, process)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode != 0  # torchrun reports the signal it got (SignalException) and exits 1
+    assert "To continue, run the same command with --resume_from_checkpoint true:" in err
+    assert "accelerate launch <your launch flags> recipes/clm.py" in err
+    stopped = json.loads((out / "trainer_state.json").read_text())["global_step"]
+    assert 1 <= stopped < steps
+    check_interrupted_dir(out, stopped)
+
+    resume = [*launch, script, *clm_argv(llama_dir, text_files, out, steps), "--resume_from_checkpoint", "true"]
+    result = subprocess.run(resume, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    assert_same_run(out, reference, steps)
