@@ -10,11 +10,13 @@ minimum-versions leg of .ci/run).
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import weakref
 
+from packaging.version import Version
+
 import torch
-import transformers
 from transformers import Trainer, TrainerCallback
 
 __all__ = [
@@ -39,16 +41,22 @@ class UnsupportedVersionError(RuntimeError):
     """An installed transformers / accelerate lacks state that hf_smooth relies on."""
 
 
-def _needs(what: str, *, package: str = "transformers", minimum: str = TRANSFORMERS_MIN) -> UnsupportedVersionError:
-    import accelerate
+def installed_version(package: str) -> str:
+    return importlib.metadata.version(package)
 
-    installed = {"transformers": transformers.__version__, "accelerate": accelerate.__version__}[package]
-    return UnsupportedVersionError(
+
+def _needs(what: str, *, package: str = "transformers", minimum: str = TRANSFORMERS_MIN) -> UnsupportedVersionError:
+    installed = installed_version(package)
+    message = (
         f"hf_smooth needs {package} >= {minimum}, installed: {package} {installed}. {what} "
-        f"Install a supported version (pip install '{package}>={minimum}'). If {installed} is newer than "
-        f"{WRITTEN_AGAINST[package]}, the last version hf_smooth was checked with, upstream changed an internal "
-        "that hf_smooth/_compat.py relies on: please report it."
+        f"Install a supported version: pip install '{package}>={minimum}'."
     )
+    if Version(installed) > Version(WRITTEN_AGAINST[package]):
+        message += (
+            f" hf_smooth was last checked with {package} {WRITTEN_AGAINST[package]}: {installed} changed an internal "
+            "that hf_smooth/_compat.py relies on; please report it (meanwhile, install that version)."
+        )
+    return UnsupportedVersionError(message)
 
 
 # ---- transformers: the Trainer hooks SmoothLossMixin overrides or relies on -------------------------------------
@@ -72,8 +80,9 @@ def check_trainer_supported(trainer: Trainer) -> None:
         raise _needs(
             f"{type(trainer).__name__} computes a loss already normalized over the accumulation window and tells "
             "Trainer.training_step so through `Trainer.loss_is_scaled_for_ga` (transformers PR #49240), which this "
-            "transformers does not have or does not read; its loss and gradients would be divided by the "
-            "gradient accumulation steps twice."
+            "transformers does not have or does not read; Trainer.training_step would divide its loss and "
+            "gradients by the gradient accumulation steps a second time (silently, for models whose forward takes "
+            "no **kwargs)."
         )
     _check_parameters("get_batch_samples", ["self", "epoch_iterator", "num_batches", "device"])
     _check_parameters("compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"])
@@ -123,13 +132,14 @@ def undo_evaluation_only_prepare(trainer: Trainer) -> None:
     `Trainer.evaluation_loop` prepares a model that was never trained with
     ``accelerator.prepare_model(model, evaluation_mode=True)``: no DDP wrapper, but accelerate marks the model
     ``_is_accelerate_prepared`` and records it in ``Accelerator._models``; the ``accelerator.prepare(model,
-    optimizer)`` of `train()` then returns it unwrapped ("can't double wrap"). Every rank would step on the gradient
-    of its own micro-batches, never synchronized, and, since `compute_loss` scales the loss by the number of
-    processes for DDP's averaging, num_processes times too large. Found with transformers 5.23 / accelerate 1.15 on
-    2 CPU processes (tests/test_distributed.py, evaluate() then train()). Undo the mark and the record so that
-    `train()` prepares the model as if evaluate() had not run.
+    optimizer)`` of `train()` then returns it unwrapped (accelerate >= 1.14 refuses to prepare a model twice; before,
+    it wrapped the model anyway and there is nothing to undo). Every rank would step on the gradient of its own
+    micro-batches, never synchronized, and, since `compute_loss` scales the loss by the number of processes for
+    DDP's averaging, num_processes times too large. Found with transformers 5.23 / accelerate 1.15 on 2 CPU processes
+    (tests/test_distributed.py, evaluate() then train()). Undo the mark and the record so that `train()` prepares
+    the model as if evaluate() had not run.
 
-    Touches accelerate private state (written against accelerate 1.15): ``model._is_accelerate_prepared`` and
+    Touches accelerate private state (written against accelerate 1.14-1.15): ``model._is_accelerate_prepared`` and
     ``Accelerator._models``. Should accelerate rename the mark, nothing is undone here, and `DDPWrapCheck` raises at
     the start of training instead of letting the ranks drift apart.
     """
@@ -159,17 +169,16 @@ def check_model_wrapped_for_ddp(trainer: Trainer) -> None:
     while hasattr(model, "_orig_mod") and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model._orig_mod  # torch.compile's OptimizedModule around the DDP wrapper
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        import accelerate
-
         raise RuntimeError(
             f"train() prepared the model for {trainer.accelerator.num_processes} processes "
             f"({trainer.accelerator.distributed_type}) but did not wrap it in DistributedDataParallel (got "
             f"{type(trainer.model_wrapped).__name__}): each rank would step on its own gradients, never synchronized. "
             "This happens when the model was prepared earlier for evaluation only (evaluate() or predict() before "
-            "train()) and hf_smooth could not undo that preparation with this accelerate "
-            f"({accelerate.__version__}) and transformers ({transformers.__version__}); hf_smooth._compat was written "
-            "against accelerate 1.4-1.15 and transformers 5.19-5.24. Work around it by calling train() before "
-            "evaluate(), and please report it."
+            "train()) and hf_smooth could not undo that preparation with accelerate "
+            f"{installed_version('accelerate')} and transformers {installed_version('transformers')} "
+            f"(hf_smooth/_compat.py was last checked with accelerate {WRITTEN_AGAINST['accelerate']} and transformers "
+            f"{WRITTEN_AGAINST['transformers']}). Work around it by calling train() before evaluate(), and please "
+            "report it."
         )
 
 
