@@ -200,13 +200,18 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
     """`HfArgumentParser` over `dataclass_types`; a leading .yaml/.yml/.json file gives defaults, flags after it win.
 
     Every mistake stops here, before anything is loaded, with a `RecipeError` that names the argument: an unknown or
-    wrongly typed key in the file, a syntax error in it (file, line and key), an unknown flag, a bad choice, a
-    non-finite number, or a `__post_init__` check (conflicting smoothing knobs, ...). A bad value on the command line
-    is argparse's own error (usage and message, exit 2).
+    wrongly typed key in the file, a syntax error in it (file, line and key), an unknown flag, a bad choice or a
+    badly typed value on the command line (argparse's message, without its usage text), a non-finite number, or a
+    `__post_init__` check (conflicting smoothing knobs, ...).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     launched_ranks = _use_cpu_when_no_accelerator()
     parser = HfArgumentParser(dataclass_types)
+
+    def one_line(message: str):  # argparse would print the usage of every TrainingArguments flag first
+        raise RecipeError(f"{message} (see --help)")
+
+    parser.error = one_line
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         path = Path(argv.pop(0))
         values, text = _read_config_file(path)
