@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
+from .methods import METHODS, get_method
+
 __all__ = [
     "SmoothingArguments",
     "SmoothTrainingArguments",
@@ -18,7 +20,6 @@ __all__ = [
     "SCHEDULES",
 ]
 
-METHODS = ("none", "label_smoothing", "maxsup")
 SCHEDULES = ("constant", "linear")
 CONVENTIONS = ("uniform", "fairseq")
 
@@ -34,9 +35,9 @@ class SmoothingArguments:
     smoothing_method: str = field(
         default="label_smoothing",
         metadata={
-            "help": "Training objective: 'none' (plain cross-entropy, exactly normalized), 'label_smoothing' "
-            "(CE + eps*(z_y - mean z), the soft-target loss), or 'maxsup' (CE + alpha*(z_max - mean z), Max "
-            "Suppression, arXiv 2502.15798).",
+            "help": "Training objective: "
+            + ", ".join(f"'{m.name}' ({m.summary})" for m in METHODS.values())
+            + ".",
             "choices": list(METHODS),
         },
     )
@@ -117,7 +118,8 @@ class SmoothingArguments:
 
     def _validate_smoothing(self) -> None:
         if self.smoothing_method not in METHODS:
-            raise ValueError(f"smoothing_method must be one of {METHODS}, got {self.smoothing_method!r}.")
+            raise ValueError(f"smoothing_method must be one of {tuple(METHODS)}, got {self.smoothing_method!r}.")
+        method = get_method(self.smoothing_method)
         if self.smoothing_schedule not in SCHEDULES:
             raise ValueError(f"smoothing_schedule must be one of {SCHEDULES}, got {self.smoothing_schedule!r}.")
         if self.smoothing_convention not in CONVENTIONS:
@@ -126,10 +128,7 @@ class SmoothingArguments:
         if self.smoothing_alpha_end is not None:
             values["smoothing_alpha_end"] = self.smoothing_alpha_end
         for name, value in values.items():
-            if self.smoothing_method == "label_smoothing" and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}={value}: label smoothing epsilon must be in [0, 1].")
-            if self.smoothing_method == "maxsup" and not (value >= 0.0 and value < float("inf")):  # NaN fails both
-                raise ValueError(f"{name}={value}: the MaxSup alpha must be a finite number >= 0.")
+            method.check_strength(value, name)
         if self.smoothing_schedule == "linear" and self.smoothing_alpha_end is None:
             raise ValueError("smoothing_schedule='linear' needs smoothing_alpha_end (e.g. 0.2 for MaxSup's 0.1 -> 0.2).")
         if self.smoothing_schedule == "constant" and self.smoothing_alpha_end is not None:
@@ -137,11 +136,11 @@ class SmoothingArguments:
                 f"smoothing_alpha_end={self.smoothing_alpha_end} is set but smoothing_schedule='constant'; set "
                 "smoothing_schedule='linear' to ramp, or drop smoothing_alpha_end."
             )
-        if self.smoothing_method == "none" and (
+        if method.knob is None and (
             self.smoothing_schedule != "constant" or self.smoothing_alpha_end is not None
         ):
             raise ValueError("smoothing_method='none' has no strength to schedule; drop smoothing_schedule/alpha_end.")
-        if self.smoothing_convention != "uniform" and self.smoothing_method != "label_smoothing":
+        if self.smoothing_convention != "uniform" and method.knob != "epsilon":
             raise ValueError(
                 f"smoothing_convention={self.smoothing_convention!r} only applies to smoothing_method="
                 f"'label_smoothing' (got smoothing_method={self.smoothing_method!r})."
@@ -163,7 +162,7 @@ class SmoothingArguments:
 
     def alpha_at(self, step: int, total_steps: int | None) -> float:
         """Strength used at optimizer step `step` (0-based) of `total_steps`."""
-        if self.smoothing_method == "none":
+        if get_method(self.smoothing_method).knob is None:
             return 0.0
         if self.smoothing_schedule == "constant":
             return float(self.smoothing_alpha)
@@ -174,11 +173,7 @@ class SmoothingArguments:
 
     def loss_knobs(self, alpha: float) -> dict:
         """Keyword arguments of `hf_smooth.smoothed_cross_entropy` for the current strength."""
-        if self.smoothing_method == "label_smoothing":
-            return {"epsilon": alpha, "alpha": 0.0, "convention": self.smoothing_convention}
-        if self.smoothing_method == "maxsup":
-            return {"epsilon": 0.0, "alpha": alpha, "convention": "uniform"}
-        return {"epsilon": 0.0, "alpha": 0.0, "convention": "uniform"}
+        return get_method(self.smoothing_method).knobs(alpha, self.smoothing_convention)
 
 
 @dataclass

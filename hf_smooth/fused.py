@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .methods import get_method
 from .losses import (
     Coefficients,
     LossComponents,
@@ -70,7 +71,6 @@ __all__ = [
     "output_layer_weights",
 ]
 
-METHODS = ("label_smoothing", "maxsup", "none")
 
 # Chunk rule (`default_chunk_size`). Memory: besides the float32 dW it must return anyway, the loss holds one float32
 # (rows x V) chunk (plus one small block, `_Workspace`); a chunk about as large as the hidden input (rows ~ N * H / V)
@@ -390,19 +390,14 @@ def _resolve_knobs(method, epsilon, alpha) -> tuple[float, float]:
     """``(epsilon, alpha)`` from ``method`` and the knobs; ``method=None`` takes the knobs as given (both allowed)."""
     if method is None:
         return (0.0 if epsilon is None else epsilon), (0.0 if alpha is None else alpha)
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; use one of {METHODS} (or None to pass epsilon/alpha directly).")
-    if method == "label_smoothing":
-        if alpha not in (None, 0, 0.0):
-            raise ValueError(f"method='label_smoothing' takes epsilon, not alpha={alpha}; use method=None for both.")
-        return (0.1 if epsilon is None else epsilon), 0.0
-    if method == "maxsup":
-        if epsilon not in (None, 0, 0.0):
-            raise ValueError(f"method='maxsup' takes alpha, not epsilon={epsilon}; use method=None for both.")
-        return 0.0, (0.1 if alpha is None else alpha)
-    if epsilon not in (None, 0, 0.0) or alpha not in (None, 0, 0.0):
-        raise ValueError(f"method='none' is plain cross-entropy; got epsilon={epsilon}, alpha={alpha}.")
-    return 0.0, 0.0
+    row = get_method(method)
+    given = {"epsilon": epsilon, "alpha": alpha}
+    for knob, value in given.items():
+        if knob != row.knob and value not in (None, 0, 0.0):
+            takes = f"takes {row.knob}" if row.knob else "is plain cross-entropy"
+            raise ValueError(f"method={method!r} {takes}, not {knob}={value}; use method=None to pass both.")
+    knobs = row.knobs(row.default if row.knob is None or given[row.knob] is None else given[row.knob])
+    return knobs["epsilon"], knobs["alpha"]
 
 
 def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

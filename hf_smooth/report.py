@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .methods import get_method
+
 __all__ = [
     "Run",
     "MethodSpec",
@@ -52,14 +54,14 @@ class MethodSpec:
     def parse(cls, text: str) -> MethodSpec:
         kind, _, value = text.partition(":")
         kind = kind.strip().lower()
-        methods = {"ce": "none", "none": "none", "ls": "label_smoothing", "label_smoothing": "label_smoothing",
-                   "maxsup": "maxsup"}
-        if kind not in methods:
-            raise ValueError(f"Unknown method {text!r}: use ce, ls:EPS or maxsup:ALPHA[-ALPHA_END].")
-        if methods[kind] == "none":
+        try:
+            row = get_method(kind, allow_short=True)
+        except ValueError:
+            raise ValueError(f"Unknown method {text!r}: use ce, ls:EPS or maxsup:ALPHA[-ALPHA_END].") from None
+        if row.knob is None:
             if value:
                 raise ValueError(f"{text!r}: plain cross-entropy takes no strength.")
-            return cls(name="CE", method="none", alpha=0.0)
+            return cls(name=row.label, method=row.name, alpha=0.0)
         if not value:
             raise ValueError(f"{text!r}: give the strength, e.g. {kind}:0.1")
         start, _, end = value.partition("-")
@@ -70,9 +72,8 @@ class MethodSpec:
                 f"{text!r}: the strength must be a plain decimal number, or START-END for a linear ramp "
                 f"(e.g. {kind}:0.1 or {kind}:0.1-0.2; no exponent notation)."
             ) from None
-        label = "LS" if methods[kind] == "label_smoothing" else "MaxSup"
-        name = f"{label} {alpha:g}" + (f"->{alpha_end:g}" if alpha_end is not None else "")
-        return cls(name=name, method=methods[kind], alpha=alpha, alpha_end=alpha_end)
+        name = f"{row.label} {alpha:g}" + (f"->{alpha_end:g}" if alpha_end is not None else "")
+        return cls(name=name, method=row.name, alpha=alpha, alpha_end=alpha_end)
 
     @property
     def slug(self) -> str:
@@ -80,7 +81,7 @@ class MethodSpec:
 
     def recipe_flags(self) -> list[str]:
         flags = ["--smoothing_method", self.method]
-        if self.method != "none":
+        if get_method(self.method).knob is not None:
             flags += ["--smoothing_alpha", str(self.alpha)]
         if self.alpha_end is not None:
             flags += ["--smoothing_schedule", "linear", "--smoothing_alpha_end", str(self.alpha_end)]
