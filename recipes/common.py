@@ -414,9 +414,9 @@ def prepare_output_dir(args) -> str | None:
     """Start-up checks of --output_dir, --overwrite_output_dir and --resume_from_checkpoint, before anything loads.
 
     Returns the checkpoint to resume from (None for a fresh run). Refuses a non-empty --output_dir unless the run
-    overwrites it or resumes, refuses to combine the two (overwriting deletes the checkpoints), and checks that the
-    directory can be written (it is created if missing). Nothing is deleted here: `clear_previous_outputs` does that
-    once every other check has passed.
+    overwrites it or resumes a checkpoint inside it, refuses to overwrite the folder a checkpoint is resumed from,
+    and checks that the directory can be written (it is created if missing). Nothing is deleted here:
+    `clear_previous_outputs` does that once every other check has passed.
     """
     out = Path(args.output_dir)
     resume = args.resume_from_checkpoint
@@ -424,11 +424,6 @@ def prepare_output_dir(args) -> str | None:
         resume = args.resume_from_checkpoint = None
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--output_dir {out} is a file, not a directory: choose another --output_dir.")
-    if resume is not None and args.overwrite_output_dir:
-        raise RecipeError(
-            "--overwrite_output_dir true deletes the checkpoints that --resume_from_checkpoint continues from: give "
-            "only one of them."
-        )
     checkpoint = None
     if resume is not None:
         if resume.strip().lower() in ("true", "yes", "1"):
@@ -447,7 +442,13 @@ def prepare_output_dir(args) -> str | None:
                 f"--resume_from_checkpoint: {checkpoint} is not a complete Trainer checkpoint (no trainer_state.json; "
                 "its save may have been cut short). Give an earlier checkpoint's path."
             )
-    elif out.is_dir() and not args.overwrite_output_dir:
+    in_place = checkpoint is not None and resumes_in_place(checkpoint, out)
+    if in_place and args.overwrite_output_dir:
+        raise RecipeError(
+            f"--overwrite_output_dir true would delete {checkpoint}, which --resume_from_checkpoint continues from: "
+            "give only one of them."
+        )
+    if not in_place and out.is_dir() and not args.overwrite_output_dir:
         existing = [entry for entry in out.iterdir() if not entry.name.startswith(_PROBE_PREFIX)]
         if existing:
             last = get_last_checkpoint(out)
@@ -467,6 +468,11 @@ def prepare_output_dir(args) -> str | None:
             f"--output_dir {out} cannot be written ({error.strerror or error}): choose a directory you can write to."
         ) from None
     return checkpoint
+
+
+def resumes_in_place(checkpoint: str, out: Path) -> bool:
+    """Whether `checkpoint` is a folder of --output_dir `out` (the run continues there) rather than elsewhere."""
+    return out.is_dir() and Path(checkpoint).resolve().parent == out.resolve()
 
 
 def clear_previous_outputs(args, *, resuming: bool) -> list[str]:
@@ -734,8 +740,9 @@ def train_and_report(trainer, *, checkpoint: str | None, description: dict, titl
     """
     args = trainer.args
     out = args.output_dir
-    if checkpoint is not None or args.overwrite_output_dir:
-        clear_previous_outputs(args, resuming=checkpoint is not None)
+    in_place = checkpoint is not None and resumes_in_place(checkpoint, Path(out))
+    if in_place or args.overwrite_output_dir:
+        clear_previous_outputs(args, resuming=in_place)
     if checkpoint is not None and trainer.is_world_process_zero():
         print(f"Resuming from {checkpoint}.", flush=True)
     interrupt = GracefulInterrupt()

@@ -273,7 +273,12 @@ def test_non_empty_output_dir_is_refused(llama_dir, text_files, tmp_path, capsys
         (["--resume_from_checkpoint", "true"], "no checkpoint-<step> folder in --output_dir"),
         (["--resume_from_checkpoint", "{tmp}/nowhere"], "nowhere: no such directory"),
         (["--resume_from_checkpoint", "{tmp}/half"], "is not a complete Trainer checkpoint (no trainer_state.json"),
-        (["--resume_from_checkpoint", "true", "--overwrite_output_dir", "true"], "give only one of them"),
+        (["--output_dir", "{tmp}/run", "--resume_from_checkpoint", "true", "--overwrite_output_dir", "true"],
+         "would delete {tmp}/run/checkpoint-2, which --resume_from_checkpoint continues from: give only one"),
+        (["--output_dir", "{tmp}/run", "--resume_from_checkpoint", "{tmp}/run/checkpoint-2", "--overwrite_output_dir",
+          "true"], "give only one of them"),
+        (["--output_dir", "{tmp}/other", "--resume_from_checkpoint", "{tmp}/run/checkpoint-2"],
+         "--output_dir {tmp}/other is not empty (notes.txt)"),
         (["--output_dir", "{tmp}/a_file/out"], "cannot be written"),
         (["--output_dir", "{tmp}/a_file"], "is a file, not a directory"),
     ],
@@ -283,9 +288,13 @@ def test_bad_resume_and_output_dir(extra, message, llama_dir, text_files, tmp_pa
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "adapter_model.safetensors").write_bytes(b"")
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
     extra = [value.replace("{tmp}", str(tmp_path)) for value in extra]
     line = recipe_error(clm, clm_argv(llama_dir, text_files, tmp_path / "out", 3) + extra, capsys)
-    assert message in line, line
+    assert message.replace("{tmp}", str(tmp_path)) in line, line
 
 
 def test_overwrite_replaces_only_a_runs_files(translation_files, tmp_path, capsys):
