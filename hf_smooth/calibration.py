@@ -39,8 +39,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .losses import _CHUNK_ELEMENTS, _check_inputs, _check_label_range, row_chunks
-from .metrics import TokenMetrics, _row_reader
+from .losses import CHUNK_ELEMENTS, check_inputs, check_label_range, row_chunks
+from .metrics import TokenMetrics, row_reader
 
 __all__ = ["TemperatureResult", "fit_temperature", "fit_temperature_from_batches"]
 
@@ -95,16 +95,16 @@ class _Objective:
         nll = grad = curv = 0.0
         count = wrong = spread = 0
         for logits, labels in self.batches():
-            _check_inputs(logits, labels, self.ignore_index)
+            check_inputs(logits, labels, self.ignore_index)
             num_classes = logits.shape[-1]
-            _check_label_range(labels, num_classes, self.ignore_index)
+            check_label_range(labels, num_classes, self.ignore_index)
             if metrics is not None:
                 metrics.update(logits, labels, temperature=1.0 / beta)
-            take_rows = _row_reader(logits)
+            take_rows = row_reader(logits)
             target = labels.reshape(-1).to(device=logits.device, dtype=torch.long)
             valid_all = target != self.ignore_index
             # float64 temporaries: half the rows of the loss's float32 chunk, so the same bytes.
-            chunk = self.chunk_size or max(1, (_CHUNK_ELEMENTS // 2) // max(1, num_classes))
+            chunk = self.chunk_size or max(1, (CHUNK_ELEMENTS // 2) // max(1, num_classes))
             for rows in row_chunks(target.shape[0], num_classes, chunk):
                 index = valid_all[rows].nonzero().squeeze(-1) + rows.start
                 if index.numel() == 0:

@@ -51,11 +51,11 @@ from .losses import (
     Coefficients,
     LossComponents,
     RowStats,
-    _check_inputs,
-    _check_label_range,
-    _check_options,
-    _denominator,
-    _refuse_double_backward,
+    check_inputs,
+    check_label_range,
+    check_options,
+    token_denominator,
+    refuse_double_backward,
     chunk_forward,
     chunk_logit_grad,
     compute_dtype,
@@ -282,7 +282,7 @@ class _FusedLinearSmoothedLoss(torch.autograd.Function):
         target = labels.index_select(0, positions)
         num_scored = positions.numel()
         num_valid = valid.sum()
-        denominator = _denominator(plan.num_items_in_batch, num_valid) if plan.reduction == "mean" else None
+        denominator = token_denominator(plan.num_items_in_batch, num_valid) if plan.reduction == "mean" else None
 
         row_loss = torch.zeros(num_scored, dtype=cdtype, device=device)
         parts = torch.zeros(5, num_scored, dtype=cdtype, device=device)
@@ -334,7 +334,7 @@ class _FusedLinearSmoothedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_sums):
-        _refuse_double_backward("fused_linear_smoothed_loss")
+        refuse_double_backward("fused_linear_smoothed_loss")
         if ctx.plan.grad_in_forward:
             # Saved with save_for_backward, so autograd drops our reference right after this call (unless the graph
             # is retained) and AccumulateGrad adopts the float32 dW as weight.grad without a copy. Never modified in
@@ -490,8 +490,8 @@ def fused_linear_smoothed_loss(
         `torch.Tensor` (float32, or float64 for float64 inputs), or `(loss, LossComponents)`.
     """
     epsilon, alpha = _resolve_knobs(method, epsilon, alpha)
-    _check_options(epsilon=epsilon, alpha=alpha, convention=convention, reduction=reduction)
-    _check_inputs(hidden, labels, ignore_index, name="hidden", last="hidden_size")
+    check_options(epsilon=epsilon, alpha=alpha, convention=convention, reduction=reduction)
+    check_inputs(hidden, labels, ignore_index, name="hidden", last="hidden_size")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type) and torch.is_tensor(weight):
         # What nn.Linear does under autocast: the projection runs in the autocast dtype (differentiable casts, so
@@ -507,7 +507,7 @@ def fused_linear_smoothed_loss(
         raise ValueError("The fairseq convention spreads eps over K - 1 classes and needs K >= 2.")
     head = LogitTransform.from_knobs(logit_scale, final_logit_softcapping)
     flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
-    _check_label_range(labels, vocab_size, ignore_index)  # the labels as given: it names a narrow dtype
+    check_label_range(labels, vocab_size, ignore_index)  # the labels as given: it names a narrow dtype
 
     flat_hidden = hidden.reshape(-1, hidden_size)
     num_rows = flat_hidden.shape[0]

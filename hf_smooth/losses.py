@@ -68,7 +68,7 @@ CONVENTIONS = ("uniform", "fairseq")
 
 # Elements of the float32 working chunk (rows x vocabulary): 4M elements = 16 MiB per temporary. Large enough that
 # the per-chunk Python overhead is negligible next to the arithmetic, small enough to be noise next to the logits.
-_CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -142,11 +142,11 @@ def perplexity(nll: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Validation
+# Validation (the internal API shared with fused.py, metrics.py and calibration.py; not exported)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_options(*, epsilon: float, alpha: float, convention: str, reduction: str) -> None:
+def check_options(*, epsilon: float, alpha: float, convention: str, reduction: str) -> None:
     if not 0.0 <= float(epsilon) <= 1.0:  # also rejects NaN and inf
         raise ValueError(f"epsilon must be in [0, 1], got {epsilon}.")
     if not (float(alpha) >= 0.0 and math.isfinite(float(alpha))):  # NaN fails >= 0
@@ -157,7 +157,7 @@ def _check_options(*, epsilon: float, alpha: float, convention: str, reduction: 
         raise ValueError(f"Unknown reduction {reduction!r}; use one of {REDUCTIONS}.")
 
 
-def _check_inputs(
+def check_inputs(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, name: str = "logits", last: str = "vocab_size"
 ) -> None:
     """Types and shapes of ``logits (..., last)`` against ``labels (...)``; the fused path passes its hidden states
@@ -182,7 +182,7 @@ def _holds(dtype: torch.dtype, value: int) -> bool:
     return info.min <= value <= info.max
 
 
-def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Labels in ``[0, num_classes)`` or equal to ``ignore_index``, compared in int64: in a narrow dtype (uint8, int8,
     int16) ``labels >= num_classes`` would compare against ``num_classes`` wrapped into that dtype (300 -> 44 in uint8)
     and refuse valid labels."""
@@ -211,7 +211,7 @@ def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int
         )
 
 
-def _denominator(num_items_in_batch, num_valid: torch.Tensor) -> torch.Tensor:
+def token_denominator(num_items_in_batch, num_valid: torch.Tensor) -> torch.Tensor:
     """The token count a ``"mean"`` divides by, as a float64 tensor >= 1 (a window with no token gives 0 / 1 = 0).
 
     ``num_items_in_batch`` must be finite and >= 0, and >= 1 when this call scores a token (``num_valid > 0``): 0, a
@@ -242,7 +242,7 @@ def _denominator(num_items_in_batch, num_valid: torch.Tensor) -> torch.Tensor:
     return count.clamp(min=1.0)
 
 
-def _refuse_double_backward(name: str) -> None:
+def refuse_double_backward(name: str) -> None:
     """Called first in a closed-form backward: grad mode is on there only under ``create_graph=True``."""
     if torch.is_grad_enabled():
         raise RuntimeError(
@@ -372,7 +372,7 @@ def chunk_logit_grad(
 
 
 def row_chunks(num_rows: int, num_classes: int, chunk_size: int | None):
-    rows = chunk_size if chunk_size else max(1, _CHUNK_ELEMENTS // max(1, num_classes))
+    rows = chunk_size if chunk_size else max(1, CHUNK_ELEMENTS // max(1, num_classes))
     for start in range(0, num_rows, rows):
         yield slice(start, min(start + rows, num_rows))
 
@@ -414,7 +414,7 @@ class _SmoothedCrossEntropyFunction(torch.autograd.Function):
             out = row_loss.sum()
             denominator = None
         else:
-            denominator = _denominator(num_items_in_batch, num_valid)
+            denominator = token_denominator(num_items_in_batch, num_valid)
             out = (row_loss.sum() / denominator).to(cdtype)
 
         ctx.save_for_backward(logits, target, valid, lse, argmax, k, has_neginf)
@@ -424,7 +424,7 @@ class _SmoothedCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_sums):
-        _refuse_double_backward("smoothed_cross_entropy")
+        refuse_double_backward("smoothed_cross_entropy")
         logits, target, valid, lse, argmax, k, has_neginf = ctx.saved_tensors
         cdtype = lse.dtype
         if ctx.reduction == "none":
@@ -493,14 +493,14 @@ def smoothed_cross_entropy(
     Returns:
         `torch.Tensor` (float32, or float64 for float64 logits), or `(loss, LossComponents)`.
     """
-    _check_options(epsilon=epsilon, alpha=alpha, convention=convention, reduction=reduction)
-    _check_inputs(logits, labels, ignore_index)
+    check_options(epsilon=epsilon, alpha=alpha, convention=convention, reduction=reduction)
+    check_inputs(logits, labels, ignore_index)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
     num_classes = logits.shape[-1]
     if convention == "fairseq" and epsilon > 0 and num_classes < 2:
         raise ValueError("The fairseq convention spreads eps over K - 1 classes and needs K >= 2.")
-    _check_label_range(labels, num_classes, ignore_index)
+    check_label_range(labels, num_classes, ignore_index)
 
     coefs = Coefficients(epsilon=float(epsilon), alpha=float(alpha), fairseq=convention == "fairseq")
     flat_logits = logits.reshape(-1, num_classes)

@@ -60,7 +60,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .losses import _check_inputs, _check_label_range, compute_dtype, perplexity, row_chunks
+from .losses import check_inputs, check_label_range, compute_dtype, perplexity, row_chunks
 
 __all__ = [
     "DEFAULT_GAP_EDGES",
@@ -289,7 +289,7 @@ def _accumulate(
     flat.index_add_(0, base + layout.gap_counts.start + gap_bins, torch.ones(n, dtype=f64, device=out.device))
 
 
-def _row_reader(logits: torch.Tensor):
+def row_reader(logits: torch.Tensor):
     """``take(index)`` -> the rows ``index`` (positions in the flattened leading dimensions) as ``(n, K)``.
 
     Never copies the whole tensor: a sliced view such as ``logits[:, :-1]`` cannot be flattened without a copy
@@ -317,10 +317,10 @@ def _reduce(
 ):
     """Sums per segment (``rows_per_segment`` consecutive label positions, or one segment for everything) and the
     (confidence, correct) pair of every position (``PAD_VALUE`` at ignored ones) when the layout keeps them."""
-    _check_inputs(logits, labels, ignore_index)
+    check_inputs(logits, labels, ignore_index)
     num_classes = logits.shape[-1]
-    _check_label_range(labels, num_classes, ignore_index)
-    take_rows = _row_reader(logits)
+    check_label_range(labels, num_classes, ignore_index)
+    take_rows = row_reader(logits)
     flat_labels = labels.reshape(-1).to(device=logits.device, dtype=torch.long)
     num_rows = flat_labels.shape[0]
     if token_loss is not None:
