@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -208,6 +209,22 @@ def report(output_dir: Path, order: list[str]) -> dict:
     return summary
 
 
+def check_launcher(launcher: str | None) -> None:
+    """A --launcher whose program cannot be started stops here, in one line, before any run."""
+    if launcher is None:
+        return
+    try:
+        words = shlex.split(launcher)
+    except ValueError as error:
+        raise SystemExit(f"--launcher {launcher!r} cannot be split into words ({error}); check its quotes.") from None
+    if not words:
+        raise SystemExit("--launcher is empty: leave it out to run each recipe with this Python, or give a command "
+                         "such as 'accelerate launch'.")
+    if shutil.which(words[0]) is None:
+        raise SystemExit(f"--launcher {launcher!r}: {words[0]!r} is not an executable on PATH (or not executable); "
+                         f"install it (accelerate: pip install accelerate) or give its full path.")
+
+
 def main(argv=None):
     from hf_smooth.report import MethodSpec
 
@@ -222,6 +239,7 @@ def main(argv=None):
         raise SystemExit(f"--methods {' '.join(args.methods)} names the same arm twice ({', '.join(slugs)}).")
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed; each seed is one run.")
+    check_launcher(args.launcher)
     started = time.time()
     if not args.report_only:
         for spec in specs:

@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import math
+import re
 import shlex
 import statistics
 import sys
@@ -395,6 +396,35 @@ def test_runner_recipe_that_writes_no_metrics(tmp_path, fake_recipe, monkeypatch
 def test_runner_bad_input(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         load_compare().main(argv + ["--output_dir", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize(
+    "launcher, message",
+    [
+        ("no-such-launcher-xyz launch --config_file a.yaml",
+         r"--launcher .*'no-such-launcher-xyz' is not an executable"),
+        ("/nonexistent/bin/accelerate launch", r"--launcher .*'/nonexistent/bin/accelerate' is not an executable"),
+        ("", "--launcher is empty"),
+        ("accelerate launch --config_file 'a.yaml", "--launcher .*check its quotes"),
+    ],
+)
+def test_runner_launcher_that_cannot_start(tmp_path, fake_recipe, launcher, message):
+    _, calls = fake_recipe
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as stopped:
+        load_compare().main(["--methods", "ce", "--seeds", "0", "--output_dir", str(out), "--launcher", launcher])
+    text = str(stopped.value)
+    assert re.search(message, text) and "\n" not in text  # one line, naming the flag
+    assert calls() == [] and not out.exists()  # before anything ran or was written
+
+
+def test_runner_launcher_not_executable_file(tmp_path, fake_recipe):
+    _, calls = fake_recipe
+    script = tmp_path / "launch.sh"
+    script.write_text("#!/bin/sh\nexec \"$@\"\n")  # exists, but lacks the executable bit
+    with pytest.raises(SystemExit, match=r"--launcher .*launch\.sh' is not an executable"):
+        load_compare().main(["--seeds", "0", "--output_dir", str(tmp_path / "cmp"), "--launcher", str(script)])
+    assert calls() == []
 
 
 # ---- end to end on the real translation recipe --------------------------------------------------------------------
