@@ -228,3 +228,28 @@ def test_jsonl_rows_are_run_translation_format(tmp_path):
     path = tmp_path / "pairs.jsonl"
     assert write_translation_jsonl([("Save", "Speichern")], path, target_lang="de") == 1
     assert json.loads(path.read_text(encoding="utf-8")) == {"translation": {"en": "Save", "de": "Speichern"}}
+
+
+def test_installed_distribution_is_read_through_its_record_and_not_again_from_a_wheel(tmp_path, monkeypatch):
+    """A fake installed distribution on sys.path whose RECORD lists a catalog outside site-packages (as gramps' files
+    under <prefix>/share/locale); a wheel of the same distribution in wheel_dir is then skipped."""
+    site = tmp_path / "lib" / "site-packages"
+    info = site / "demo_pkg-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.0\nLicense: MIT\n")
+    catalog = tmp_path / "share" / "locale" / "de" / "LC_MESSAGES" / "demo.po"
+    catalog.parent.mkdir(parents=True)
+    catalog.write_bytes(PO.encode("utf-8"))
+    (info / "RECORD").write_text(
+        "demo_pkg-1.0.dist-info/METADATA,,\ndemo_pkg-1.0.dist-info/RECORD,,\n"
+        "../../share/locale/de/LC_MESSAGES/demo.po,,\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, {"demo_pkg/locale/de/LC_MESSAGES/other.po": b'msgid "Hello"\nmsgstr "Hallo"\n'})
+    results = catalogs.catalog_pairs("de", packages=["demo-pkg"], wheel_dir=wheels)
+    assert [(r.package, r.version, r.license, r.catalogs) for r in results] == [("demo-pkg", "1.0", "MIT", 1)]
+    assert results[0].pairs == EXPECTED
+    with pytest.raises(ImportError, match="pip install --no-deps"):
+        catalogs.catalog_pairs("de", packages=["no-such-catalog-package"], strict=True)

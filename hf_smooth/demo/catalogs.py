@@ -352,11 +352,21 @@ def catalog_pairs(
             if strict:
                 raise
             logger.warning("%s", error)
+    read = {_canonical(result.package) for result in results}
     for wheel in sorted(Path(wheel_dir).glob("*.whl")) if wheel_dir is not None else ():
+        # The wheel file name starts with the distribution name (PEP 427); one already read installed is not read twice.
+        if _canonical(wheel.name.split("-")[0]) in read:
+            logger.info("Skipping %s: that distribution is installed and was read already.", wheel.name)
+            continue
         results.append(wheel_pairs(wheel, lang, strict=strict))
     if not results:
         raise ImportError(f"No translation catalogs found; install them with:\n  {install_command()}")
     return results
+
+
+def _canonical(name: str) -> str:
+    """PEP 503 normalized distribution name: 'Apache_Superset' and 'apache-superset' are one."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def merge_pairs(sources: Iterable[PackagePairs]) -> list[tuple[str, str]]:
