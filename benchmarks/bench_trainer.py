@@ -442,7 +442,8 @@ def _make_trainer(name: str, args, data: dict, workdir: str, callbacks=()):
 def _fused_ran(trainer, caught) -> tuple[bool, list[str]]:
     """Whether the fused loss really ran (it warns and falls back when it cannot), and the fallback warnings."""
     fell_back = [str(w.message) for w in caught if "fall" in str(w.message) and "back" in str(w.message)]
-    return bool(trainer.fused_loss_active and not fell_back), fell_back
+    # The HF variants run transformers' own Trainer, which has no fused route (and no such attribute).
+    return bool(getattr(trainer, "fused_loss_active", False) and not fell_back), fell_back
 
 
 def run_variant(name: str, args, data: dict, workdir: str) -> dict:
@@ -554,7 +555,9 @@ def run_child(args) -> None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     with tempfile.TemporaryDirectory(prefix="bench_trainer_run_") as workdir:
-        data = torch.load(args.data if args.data else prepare_data(args, workdir))
+        # The file holds a tensor and a string; weights_only=True loads exactly such data and refuses any pickled
+        # object that would run code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
+        data = torch.load(args.data if args.data else prepare_data(args, workdir), weights_only=True)
         if args.interleaved:
             for result in run_interleaved(args, data, workdir):
                 print(MARKER + json.dumps(result), flush=True)

@@ -156,3 +156,34 @@ def test_bench_trainer_interleaved_gives_paired_ratios(tmp_path):
             assert by_name[name]["first_loss"] == pytest.approx(by_name[names[0]]["first_loss"], rel=1e-5)
             assert by_name[name]["first_grad_norm"] == pytest.approx(by_name[names[0]]["first_grad_norm"], rel=1e-4)
     assert "interleaved in one process" in stdout
+
+
+class _RunsCodeOnLoad:
+    """Unpickling it creates a file: the kind of payload `torch.load(weights_only=False)` would execute."""
+
+    def __init__(self, sentinel: str):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return open, (self.sentinel, "w")
+
+
+def test_bench_trainer_data_is_loaded_weights_only(tmp_path):
+    """The batches file is read with weights_only=True: a pickled object that runs code is refused, even where the
+    environment turns torch's safe default off (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides only an implicit choice)."""
+    import torch
+
+    sentinel = tmp_path / "code-ran"
+    data = tmp_path / "blocks.pt"
+    torch.save({"input_ids": torch.zeros(4, 32, dtype=torch.long), "source": _RunsCodeOnLoad(str(sentinel))}, data)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(TRAINER_SCRIPT), "--child", "--variants", "hf_ce", "--model", "tiny", "--device", "cpu",
+         "--dtype", "fp32", "--batch-size", "2", "--seq-len", "32", "--warmup", "1", "--repeats", "1",
+         "--data", str(data)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode != 0
+    assert "Weights only load failed" in proc.stderr, proc.stderr[-3000:]
+    assert "Unsupported global: GLOBAL io.open" in proc.stderr, proc.stderr[-3000:]
+    assert not sentinel.exists()
