@@ -13,6 +13,7 @@ import importlib.metadata
 import inspect
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from packaging.version import Version
 from tiny_models import BUILDERS, ListDataset, PadCollator, causal_examples
 from transformers import Trainer
 
@@ -239,3 +241,48 @@ def test_two_real_processes_evaluate_then_train_are_ddp_or_raise(tmp_path):
             assert "did not wrap it in DistributedDataParallel" in result["no_undo"].get("error", ""), result
         else:
             assert result["no_undo"] == {"wrapped_as": "DistributedDataParallel"}, result
+
+
+# ---- the declared range is the range CI proves -------------------------------------------------------------------
+
+ROOT = TESTS.parent
+FLOORED = {"torch", "transformers", "accelerate", "peft", "trl"}
+
+
+def _ci_block(title: str) -> list[str]:
+    text = (ROOT / ".ci" / "run").read_text()
+    match = re.search(rf'# --- README "{title}".*?\n(.*?)# --- end', text, flags=re.S)
+    assert match, f'.ci/run has no README "{title}" block'
+    return [line.strip() for line in match.group(1).splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_minimum_versions_leg_pins_exactly_the_declared_floors():
+    (install,) = _ci_block("Supported versions")
+    pins = dict(re.findall(r"\b([a-z]+)==([0-9][0-9.]*)", install))
+    assert set(pins) == FLOORED, install
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for package, pinned in pins.items():
+        floors = set(re.findall(rf'"{package}>=([0-9][0-9.]*)"', pyproject))
+        assert len(floors) == 1, f"pyproject.toml declares {package} floors {floors}: one floor, in every place"
+        assert Version(floors.pop()) == Version(pinned), f"{package}: pyproject floor != the min leg's pin {pinned}"
+    assert Version(pins["transformers"]) == Version(_compat.TRANSFORMERS_MIN)
+
+
+def test_readme_shows_the_minimum_versions_install_line():
+    readme = (ROOT / "README.md").read_text()
+    section = re.search(r"^### Supported versions\n(.*?)(?=^##)", readme, flags=re.S | re.M)
+    assert section, "README.md has no '### Supported versions' section"
+    lines = {line.strip() for block in re.findall(r"```bash\n(.*?)```", section.group(1), flags=re.S)
+             for line in block.splitlines()}
+    (install,) = _ci_block("Supported versions")
+    assert install in lines
+    for package in FLOORED:
+        assert f"| {package} |" in section.group(1), f"README's table of floors lacks {package}"
+
+
+def test_ci_never_masks_a_failing_or_empty_pytest_run():
+    text = (ROOT / ".ci" / "run").read_text()
+    assert "set -euo pipefail" in text
+    pytest_lines = [line for line in text.splitlines() if "python -m pytest" in line]
+    assert len(pytest_lines) >= 3  # main: default + slow; min: the exactness tests
+    assert not any("||" in line or "; true" in line for line in pytest_lines), pytest_lines
