@@ -22,6 +22,10 @@ from transformers import Trainer, TrainerCallback
 __all__ = [
     "TRANSFORMERS_MIN",
     "DDPWrapCheck",
+    "calling_trainer",
+    "causal_lm_facts",
+    "prepare_inputs",
+    "trainer_counts_shifted_labels",
     "check_model_wrapped_for_ddp",
     "check_trainer_supported",
     "expects_ddp",
@@ -192,3 +196,62 @@ class DDPWrapCheck(TrainerCallback):
         trainer = self._trainer()
         if trainer is not None:
             check_model_wrapped_for_ddp(trainer)
+
+
+# ---- transformers: model facts read from its internal tables ------------------------------------------------------
+
+
+def causal_lm_facts(model) -> tuple[bool, bool]:
+    """``(registered, causal_loss)`` for an (unwrapped) model: whether its class is registered as a causal LM
+    (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`), and whether its `loss_type` maps to transformers' causal-LM loss
+    (`transformers.loss.loss_utils.LOSS_MAPPING`). Written against transformers 5.19-5.24."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError as error:
+        raise _needs(
+            f"hf_smooth decides whether a model's logits are shifted from transformers' loss and model tables, which "
+            f"this transformers does not have ({error}). Set smoothing_shift_labels explicitly to bypass it."
+        ) from error
+    registered = type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    causal_loss = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+    return registered, causal_loss
+
+
+def trainer_counts_shifted_labels(model) -> bool:
+    """Whether `Trainer` counts `num_items_in_batch` over ``labels[..., 1:]`` for this (unwrapped) model: its private
+    rule in transformers 5.19-5.24 (the model's loss type is the causal-LM loss and it is not encoder-decoder).
+    `SmoothedLoss` warns when that rule over-counts what it scores; `SmoothTrainer` counts itself."""
+    config = getattr(model, "config", None)
+    return causal_lm_facts(model)[1] and not getattr(config, "is_encoder_decoder", False)
+
+
+# ---- transformers: Trainer internals used by the mixin and SmoothedLoss -------------------------------------------
+
+
+def prepare_inputs(trainer: Trainer, inputs):
+    """`Trainer._prepare_inputs` (device placement of a batch; private in transformers 5.19-5.24)."""
+    method = getattr(trainer, "_prepare_inputs", None)
+    if method is None:
+        raise _needs("hf_smooth scores evaluation batches itself and moves them with Trainer._prepare_inputs.")
+    return method(inputs)
+
+
+def calling_trainer(max_depth: int = 8):
+    """The `Trainer` whose `compute_loss` called a ``compute_loss_func``, found on the call stack, or None.
+
+    transformers 5.19-5.24 call ``self.compute_loss_func(outputs, labels, num_items_in_batch=...)`` from
+    `Trainer.compute_loss`, so the trainer is the ``self`` of a frame or two above the loss function.
+    """
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+        return None
+    finally:
+        del frame

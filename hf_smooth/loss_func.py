@@ -8,7 +8,7 @@ Passing it in ``callbacks`` too lets it see the trainer's arguments and model on
 silently not be called or would be doubled, follows the alpha schedule, and adds NLL/perplexity to the logs.
 Without the callback it needs ``model=`` (or ``smoothing_shift_labels=``) and a constant schedule.
 
-Normalization is the Trainer's: ``num_items_in_batch`` comes from ``Trainer._get_num_items_in_batch`` and the
+Normalization is the Trainer's: ``num_items_in_batch`` comes from the Trainer and the
 Trainer multiplies the loss by the number of processes afterwards. That count is exact for the models transformers
 knows to shift (Llama, Mistral, ...), but for GPT-2-style models it counts ``labels`` instead of ``labels[..., 1:]``
 (one token per row too many; see ANCHORS/tests); a warning says so. `SmoothTrainer` counts exactly in every case.
@@ -21,43 +21,12 @@ import warnings
 import torch
 from transformers import TrainerCallback
 
+from . import _compat
 from .arguments import SmoothingArguments
 from .losses import LossComponents, smoothed_cross_entropy
 from .modeling import align_targets, loss_shifts_labels, unwrap_model
 
 __all__ = ["SmoothedLoss"]
-
-
-def _trainer_counts_shifted(model) -> bool:
-    """Transformers' own rule for counting `labels[..., 1:]` in `num_items_in_batch` (Trainer.__init__, 5.x)."""
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-
-    base = unwrap_model(model)
-    config = getattr(base, "config", None)
-    return LOSS_MAPPING.get(getattr(base, "loss_type", None)) is ForCausalLMLoss and not getattr(
-        config, "is_encoder_decoder", False
-    )
-
-
-def _calling_trainer(max_depth: int = 8):
-    """The `transformers.Trainer` whose `compute_loss` called us, found on the call stack (transformers 5.x calls
-    ``self.compute_loss_func(outputs, labels, num_items_in_batch=...)`` from `Trainer.compute_loss`), or None."""
-    import inspect
-
-    from transformers import Trainer
-
-    frame = inspect.currentframe()
-    try:
-        for _ in range(max_depth):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate
-        return None
-    finally:
-        del frame
 
 
 def _world_size() -> int:
@@ -216,7 +185,7 @@ class SmoothedLoss(TrainerCallback):
         return control
 
     def _warn_if_count_differs(self, model) -> None:
-        if self._shift and not _trainer_counts_shifted(model):
+        if self._shift and not _compat.trainer_counts_shifted_labels(unwrap_model(model)):
             warnings.warn(
                 f"transformers' Trainer counts num_items_in_batch over labels, not labels[..., 1:], for "
                 f"{type(unwrap_model(model)).__name__}: the loss and gradients are scaled by (n - rows) / n. Mask "
@@ -299,7 +268,7 @@ class SmoothedLoss(TrainerCallback):
         self._checked_caller = True
         if self._registered:
             return
-        trainer = _calling_trainer()
+        trainer = _compat.calling_trainer()
         factor = getattr(getattr(trainer, "args", None), "label_smoothing_factor", 0.0)
         if factor:
             raise ValueError(

@@ -21,16 +21,16 @@ __all__ = [
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP/FSDP/DeepSpeed (`.module`), `torch.compile` (`._orig_mod`) and PEFT."""
+    """The transformers model under DDP/FSDP/DeepSpeed and `torch.compile` wrappers (accelerate's
+    `extract_model_from_parallel`) and PEFT (`get_base_model`)."""
+    from accelerate.utils import extract_model_from_parallel
+
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
+        model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
             model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
-            model = model.module
     return model
 
 
@@ -54,12 +54,9 @@ def loss_shifts_labels(model: nn.Module) -> bool:
     base = unwrap_model(model)
     if is_encoder_decoder(base):
         return False
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from ._compat import causal_lm_facts
 
-    if type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
-        return True
-    if LOSS_MAPPING.get(getattr(base, "loss_type", None)) is ForCausalLMLoss:
+    if any(causal_lm_facts(base)):
         return True
     can_generate = getattr(base, "can_generate", None)
     return bool(callable(can_generate) and can_generate())

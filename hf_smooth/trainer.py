@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 
+from . import _compat
 from .arguments import SmoothingArguments
 from .losses import LossComponents, smoothed_cross_entropy
 from .modeling import align_targets, is_encoder_decoder, loss_shifts_labels, prepare_decoder_input_ids, unwrap_model
@@ -91,7 +92,6 @@ class SmoothLossMixin:
         self._fused_warned = False
         self._run_parts: torch.Tensor | None = None  # the same sums since train() began, for train_loss
         self._warned_empty: set[str] = set()  # what has been reported as scoring no token (warned once each)
-        from . import _compat  # the one module that touches transformers' / accelerate's internals
 
         _compat.check_trainer_supported(self)  # loud failure on a Trainer without the hooks the mixin relies on
         # After train() prepares the model: with several data-parallel processes it must be DDP-wrapped, or raise.
@@ -124,7 +124,6 @@ class SmoothLossMixin:
     # ---- training ------------------------------------------------------------------------------------------------
 
     def _train(self, *args, **kwargs):
-        from . import _compat
 
         # evaluate() before train() must not leave the model without its DDP wrapper (see _compat).
         _compat.undo_evaluation_only_prepare(self)
@@ -396,7 +395,7 @@ class SmoothLossMixin:
             # Seq2SeqTrainer's generation path scores the batch with the model's own loss; score it here with
             # hf_smooth (teacher-forced, same as training) and keep the generated tokens from the parent.
             with torch.no_grad(), self.compute_loss_context_manager():
-                loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()
+                loss = self.compute_loss(model, _compat.prepare_inputs(self, inputs)).detach()
             _, generated, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
             result = (loss, generated, labels)
         else:
