@@ -24,6 +24,7 @@ __all__ = [
     "DDPWrapCheck",
     "calling_trainer",
     "causal_lm_facts",
+    "gather_generations_once",
     "prepare_inputs",
     "trainer_counts_shifted_labels",
     "check_model_wrapped_for_ddp",
@@ -255,3 +256,19 @@ def calling_trainer(max_depth: int = 8):
         return None
     finally:
         del frame
+
+
+def gather_generations_once(trainer: Trainer) -> None:
+    """Make `Seq2SeqTrainer` gather generated ids with ``gather_for_metrics`` for one sequence per input.
+
+    `Seq2SeqTrainer.evaluate` sets ``trainer.gather_function = accelerator.gather`` (transformers #27025, for
+    ``num_return_sequences > 1``, #25231), which keeps the samples the distributed sampler repeats to even out the
+    last batch: 21 pairs on 2 ranks x 4 gave BLEU over 24 hypotheses. With one sequence per input,
+    ``gather_for_metrics`` drops the repeats, as the token metrics already do. Reads the private ``_gen_kwargs``
+    that `Seq2SeqTrainer.evaluate` stores (transformers 5.19-5.24); when it is missing, the generation config decides.
+    """
+    returns = (getattr(trainer, "_gen_kwargs", None) or {}).get("num_return_sequences")
+    generation_config = getattr(getattr(trainer, "model", None), "generation_config", None)
+    returns = returns or getattr(generation_config, "num_return_sequences", None) or 1
+    if returns == 1 and hasattr(trainer, "gather_function"):
+        trainer.gather_function = trainer.accelerator.gather_for_metrics

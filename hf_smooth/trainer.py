@@ -87,6 +87,8 @@ class SmoothLossMixin:
         self._shift_cache: dict[int, bool] = {}
         self._train_parts: torch.Tensor | None = None  # LossComponents sums since the last log
         self._eval_accumulator = None  # set by evaluation_loop
+        # The token metrics (TokenMetrics) of the last completed evaluation, over every rank; None before one.
+        self.eval_token_metrics = None
         self._pending_eval_stats = None  # per-sample statistics of the current eval batch
         self._fused_routes: dict = {}  # id(unwrapped model) -> hf_smooth.fused_trainer.FusedRoute, built once
         self._fused_warned = False
@@ -424,6 +426,8 @@ class SmoothLossMixin:
             num_bins=self.smoothing_args.smoothing_ece_bins,
             diagnostics=self.smoothing_args.smoothing_eval_diagnostics,
         )
+        if isinstance(self, Seq2SeqTrainer):
+            _compat.gather_generations_once(self)  # BLEU over each evaluation pair once under DDP
         try:
             output = super().evaluation_loop(
                 dataloader,
@@ -435,6 +439,7 @@ class SmoothLossMixin:
             accumulator = self._eval_accumulator
         finally:
             self._eval_accumulator = None
+        self.eval_token_metrics = accumulator
         if accumulator.num_tokens == 0:
             if f"{metric_key_prefix}_loss" in output.metrics:
                 self._warn_empty(f"evaluation ({metric_key_prefix})")

@@ -294,3 +294,17 @@ def test_fused_function_under_autocast_accepts_bf16_hidden_with_float32_weight()
     assert g_ours[1].dtype == torch.float32 and g_ours[0].dtype == torch.bfloat16
     for a, b in zip(g_ours, g_theirs):
         assert (a.float() - b.float()).abs().max().item() <= 2e-2 * b.float().abs().max().item()
+
+
+def test_eval_token_metrics_is_public_after_evaluate(tmp_path):
+    """The last evaluation's TokenMetrics is a public attribute (recipes read it; no private handshake)."""
+    examples = causal_examples(5, seed=9)
+    trainer = SmoothTrainer(
+        model=tiny_llama(0), args=args_for(tmp_path), train_dataset=ListDataset(examples),
+        eval_dataset=ListDataset(examples), data_collator=PadCollator(),
+    )
+    assert trainer.eval_token_metrics is None
+    metrics = trainer.evaluate()
+    scored = sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
+    assert trainer.eval_token_metrics.num_tokens == scored == metrics["eval_num_tokens"]
+    assert trainer.eval_token_metrics.compute()["nll"] == pytest.approx(metrics["eval_nll"], rel=1e-12)
