@@ -4,7 +4,7 @@ Launch commands (from the repository root):
 
     # Embedded default, offline: a small Marian-architecture model built from a config, a BPE tokenizer trained
     # here, English->German UI strings from plone.app.locales; label smoothing 0.1, 30 epochs; 224 s on a shared
-    # 2-core CPU, BLEU 11.5 (recipes/README.md has the measurements)
+    # 2-core CPU, BLEU 12.1 (recipes/README.md has the measurements)
     python recipes/translation.py --output_dir outputs/translation
     accelerate launch recipes/translation.py --output_dir outputs/translation
 
