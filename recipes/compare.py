@@ -178,7 +178,7 @@ def report(output_dir: Path, order: list[str]) -> dict:
     """Tabulate and plot every finished run under `output_dir`: the requested methods first, in `order`, then any
     other method found there (a directory shared by two sweeps is reported whole)."""
     from hf_smooth.plots import plot_logit_gaps, plot_reliability
-    from hf_smooth.report import load_runs, plot_training_curves, pool_diagnostics, summarize, to_csv, to_markdown
+    from hf_smooth.demo.report import load_runs, plot_training_curves, pool_diagnostics, summarize, to_csv, to_markdown
 
     check_finished_runs(output_dir)
     runs = load_runs(output_dir)
@@ -226,7 +226,7 @@ def check_launcher(launcher: str | None) -> None:
 
 
 def main(argv=None):
-    from hf_smooth.report import MethodSpec
+    from hf_smooth.demo.report import MethodSpec
 
     args = parse(argv)
     try:

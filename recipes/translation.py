@@ -232,7 +232,7 @@ def load_pairs(args: DataArguments):
     """(train_pairs, eval_pairs, description) as lists of (source, target) strings."""
     src, tgt = args.source_lang, args.target_lang
     if args.dataset_name is None and args.train_file is None:
-        from hf_smooth.assets import gettext_pairs, train_test_split_pairs
+        from hf_smooth.demo.assets import gettext_pairs, train_test_split_pairs
 
         try:
             pairs = gettext_pairs(source_lang=src, target_lang=tgt, sources=args.embedded_catalogs)
@@ -292,7 +292,7 @@ def load_pairs(args: DataArguments):
     if "validation" in raw:
         evaluation = rows("validation")
     else:
-        from hf_smooth.assets import train_test_split_pairs
+        from hf_smooth.demo.assets import train_test_split_pairs
 
         train, evaluation = train_test_split_pairs(
             train, test_size=args.validation_split_percentage / 100, seed=args.split_seed
@@ -302,7 +302,7 @@ def load_pairs(args: DataArguments):
 
 def build_model(model_args: ModelArguments, train_pairs, data_args: DataArguments, seed: int):
     if model_args.model_name_or_path is None:
-        from hf_smooth.assets import build_marian, train_bpe_tokenizer
+        from hf_smooth.demo.assets import build_marian, train_bpe_tokenizer
 
         print(f"Training a {model_args.embedded_vocab_size}-token BPE tokenizer on {len(train_pairs)} training pairs",
               flush=True)

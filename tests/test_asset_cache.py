@@ -1,4 +1,4 @@
-"""hf_smooth.assets' cache directory: `cache_dir` is a root the user may share with anything else.
+"""hf_smooth.demo.assets' cache directory: `cache_dir` is a root the user may share with anything else.
 
 The project writes only its own sub-directory (built in a temporary sibling, renamed into place when complete) and
 removes only what its marker proves it wrote. These tests replace the expensive step (the ~20 s GGUF conversion)
@@ -20,7 +20,7 @@ import pytest
 import torch
 from tiny_models import tiny_llama
 
-from hf_smooth import assets
+from hf_smooth.demo import assets
 
 # Someone else's files in the directory passed as cache_dir: plain, hidden, nested, binary, a transformers-cache-like
 # tree, and a folder whose name looks like the project's but is not.
@@ -269,7 +269,7 @@ def test_leftover_without_marker_is_left_alone(tmp_path, fake_smollm2, caplog):
     lookalike = root / (expected_dir(root).name + ".tmp-abcdefgh")
     lookalike.mkdir(parents=True)
     (lookalike / "file.txt").write_text("mine")
-    with caplog.at_level("WARNING", logger="hf_smooth.assets"):
+    with caplog.at_level("WARNING", logger="hf_smooth.demo.assets"):
         assets.smollm2_local_dir(root)
     assert (lookalike / "file.txt").read_text() == "mine"
     assert any(str(lookalike) in record.getMessage() for record in caplog.records)

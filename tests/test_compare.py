@@ -1,7 +1,7 @@
-"""recipes/compare.py and hf_smooth.report: the comparison table is the mean and sd of the runs' own metrics.json.
+"""recipes/compare.py and hf_smooth.demo.report: the comparison table is the mean and sd of the runs' own metrics.json.
 
 Three layers:
-- hf_smooth.report on hand-written metrics with hand-computed means and sample standard deviations;
+- hf_smooth.demo.report on hand-written metrics with hand-computed means and sample standard deviations;
 - the runner with a stand-in recipe (a few lines of Python passed as --launcher) that records its command line and
   writes known metrics: the flags each arm gets, resuming only the missing runs, failures and bad input;
 - the runner end to end on the real translation recipe (embedded Marian built from a config, tiny sizes, 3 steps),
@@ -27,7 +27,7 @@ import torch
 from metric_oracles import oracle_metrics
 
 from hf_smooth.metrics import TokenMetrics
-from hf_smooth.report import DEFAULT_METRICS, MethodSpec, load_runs, pool_diagnostics, summarize, to_csv, to_markdown
+from hf_smooth.demo.report import DEFAULT_METRICS, MethodSpec, load_runs, pool_diagnostics, summarize, to_csv, to_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def _offline(monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
 
 
-# ---- hf_smooth.report on hand-written runs ------------------------------------------------------------------------
+# ---- hf_smooth.demo.report on hand-written runs ------------------------------------------------------------------------
 
 
 def write_run(root: Path, slug: str, seed: int, method: str | None, metrics: dict) -> Path:

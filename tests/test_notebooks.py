@@ -43,7 +43,7 @@ def kernel_name() -> str:
 
 def gettext_pairs_available() -> bool:
     try:
-        from hf_smooth.assets import gettext_pairs
+        from hf_smooth.demo.assets import gettext_pairs
 
         return len(gettext_pairs(source_lang="en", target_lang="de")) > 100
     except (ImportError, FileNotFoundError):

@@ -344,7 +344,7 @@ def test_translation_embedded_marian(translation_files, tmp_path, capsys):
 
 def test_translation_t5_dir_prefix_and_lora(translation_files, tmp_path):
     """A local T5 directory with a task prefix and LoRA on q/v: the adapter is saved, the prefix reaches the encoder."""
-    from hf_smooth.data import train_bpe_tokenizer
+    from hf_smooth.demo.data import train_bpe_tokenizer
     from transformers import T5Config, T5ForConditionalGeneration
 
     translation = load_recipe("translation")

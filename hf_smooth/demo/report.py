@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .methods import get_method
+from ..methods import get_method
 
 __all__ = [
     "Run",
@@ -197,7 +197,7 @@ def pool_diagnostics(states: list[dict]):
     (confidence, correct) pair, which ``diagnostics.json`` does not keep, so the pooled accumulator has
     ``adaptive_ece`` off. Runs saved with different bins or histogram edges cannot be pooled (ValueError).
     """
-    from .metrics import TokenMetrics
+    from ..metrics import TokenMetrics
 
     if not states:
         raise ValueError("pool_diagnostics needs at least one saved evaluation.")
