@@ -22,7 +22,6 @@ the reconstruction check) run under that same state: the projection in the autoc
 from __future__ import annotations
 
 import inspect
-import warnings
 
 import torch
 from torch import nn

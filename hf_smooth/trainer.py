@@ -42,7 +42,7 @@ def _logits_of(outputs) -> torch.Tensor:
     return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
 
 
-class SmoothLossMixin:
+class SmoothLossMixin(_compat.ResumableTrainOrder):
     """Put before a `Trainer` subclass: ``class MyTrainer(SmoothLossMixin, SFTTrainer): ...``.
 
     Takes the smoothing configuration from ``smoothing_args=`` or, when the training arguments are a

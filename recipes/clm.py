@@ -53,21 +53,18 @@ decoder-only model translates through this recipe too, with --prompt_column hold
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     EvalDiagnosticsMixin,
     LogLastStepCallback,
     LoraArguments,
     OutputDirArguments,
     RecipeError,
-    ResumableSamplerMixin,
     apply_lora,
     check_local_path,
     check_sample_limits,
@@ -180,9 +177,8 @@ class ClmLoraArguments(LoraArguments):
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ClmLoraArguments, ClmTrainingArguments)
 
 
-class ClmTrainer(ResumableSamplerMixin, EvalDiagnosticsMixin, SmoothTrainer):
-    """SmoothTrainer that also writes the evaluation's reliability bins and logit-gap histogram, and resumes
-    length-grouped batches in the same order."""
+class ClmTrainer(EvalDiagnosticsMixin, SmoothTrainer):
+    """SmoothTrainer that also writes the evaluation's reliability bins and logit-gap histogram."""
 
 
 # ---- model -----------------------------------------------------------------------------------------------------------

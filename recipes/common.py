@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 # ---- how a mistake reaches the user ---------------------------------------------------------------------------------
@@ -648,67 +647,16 @@ def resume_command(script: str, argv: list[str], world_size: int) -> str:
     return f"{launcher} {shlex.join([script, *kept, '--resume_from_checkpoint', 'true'])}"
 
 
-class _EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """`LengthGroupedSampler` whose shuffle depends only on (seed, epoch), through `set_epoch` (which the Trainer
-    and accelerate's data loaders call at every epoch, also on the loader that skips batches when resuming)."""
-
-    def __init__(self, base: LengthGroupedSampler, seed: int):
-        super().__init__(base.batch_size, lengths=base.lengths, generator=torch.Generator())
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator.manual_seed(self.seed + self.epoch)
-        return super().__iter__()
-
-
-class ResumableSamplerMixin:
-    """Make `--train_sampling_strategy group_by_length` (translation.py's default) resume exactly.
-
-    transformers 5.24 builds the training `LengthGroupedSampler` without a generator, so each epoch's order is drawn
-    from the global RNG when the epoch starts. A run resumed in epoch e >= 1 draws it right after start-up (the
-    checkpoint's RNG state is restored only after the first batch), so its data order, and loss curve, differ from
-    the uninterrupted run's. With a generator seeded by (data_seed or seed) + epoch the order is the same either way.
-    The random sampler needs nothing: accelerate already seeds it per epoch. Overrides the private
-    `Trainer._get_train_sampler(train_dataset)`; if upstream starts passing a generator this steps aside.
-    """
-
-    def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
-        if type(sampler) is LengthGroupedSampler and sampler.generator is None:
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return _EpochSeededLengthGroupedSampler(sampler, seed)
-        return sampler
-
-
 class EvalDiagnosticsMixin:
-    """Keeps the last evaluation's `TokenMetrics` and writes it as `diagnostics.json` plus two plots.
-
-    `SmoothLossMixin.evaluation_loop` holds its accumulator in `_eval_accumulator` only while it runs (an internal
-    attribute: if it is renamed, `save_eval_diagnostics` says so instead of writing an empty file). On every rank it
-    holds the statistics of the whole evaluation set (gathered per batch), so rank 0 can write them alone.
-    """
-
-    last_eval_token_metrics = None
-
-    def evaluation_loop(self, *args, **kwargs):
-        self.last_eval_token_metrics = None
-        return super().evaluation_loop(*args, **kwargs)
-
-    def prediction_step(self, *args, **kwargs):
-        accumulator = getattr(self, "_eval_accumulator", None)
-        if accumulator is not None:
-            self.last_eval_token_metrics = accumulator
-        return super().prediction_step(*args, **kwargs)
+    """Writes the last evaluation's `TokenMetrics` (`SmoothLossMixin.eval_token_metrics`, gathered over every rank,
+    so rank 0 can write them alone) as `diagnostics.json` plus two plots."""
 
     def save_eval_diagnostics(self, output_dir: str) -> list[Path]:
         """`diagnostics.json` (reliability bins, logit-gap histogram: `TokenMetrics.to_dict()`, what
         `hf_smooth.plots` and recipes/compare.py read) and `eval_reliability.png` / `eval_logit_gap.png`."""
         from hf_smooth.plots import save_diagnostic_plots
 
-        metrics = self.last_eval_token_metrics
+        metrics = self.eval_token_metrics
         if metrics is None or metrics.num_tokens == 0:
             raise RuntimeError(
                 "No evaluation statistics were captured: run trainer.evaluate() first (the SmoothLossMixin "

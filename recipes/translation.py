@@ -50,21 +50,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     EvalDiagnosticsMixin,
     LogLastStepCallback,
     LoraArguments,
     OutputDirArguments,
     RecipeError,
-    ResumableSamplerMixin,
     apply_lora,
     check_local_path,
     check_sample_limits,
@@ -209,20 +206,8 @@ class TranslationTrainingArguments(OutputDirArguments, SmoothSeq2SeqTrainingArgu
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, TranslationTrainingArguments)
 
 
-class TranslationTrainer(ResumableSamplerMixin, EvalDiagnosticsMixin, SmoothSeq2SeqTrainer):
-    """SmoothSeq2SeqTrainer that also writes the evaluation's reliability bins and logit-gap histogram, scores every
-    evaluation pair exactly once under DDP, and resumes length-grouped batches in the same order."""
-
-    def evaluation_loop(self, *args, **kwargs):
-        # Seq2SeqTrainer.evaluate gathers generated ids with accelerator.gather (transformers #27025, for
-        # num_return_sequences > 1, #25231), which keeps the pairs the distributed sampler repeats to even out the
-        # last batch: 21 pairs on 2 ranks x 4 gave BLEU over 24 hypotheses. With one sequence per pair,
-        # gather_for_metrics drops the repeats, as the calibration statistics of SmoothLossMixin already do.
-        returns = (getattr(self, "_gen_kwargs", None) or {}).get("num_return_sequences")
-        returns = returns or getattr(self.model.generation_config, "num_return_sequences", None) or 1
-        if returns == 1:
-            self.gather_function = self.accelerator.gather_for_metrics
-        return super().evaluation_loop(*args, **kwargs)
+class TranslationTrainer(EvalDiagnosticsMixin, SmoothSeq2SeqTrainer):
+    """SmoothSeq2SeqTrainer that also writes the evaluation's reliability bins and logit-gap histogram."""
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Only the wall-clock time changes (a sleep before each `Trainer.training_step`); 
 checkpointing and numbers are the real ones. Used by tests/test_recipe_resume.py.
 """
 
+import os
 import runpy
 import sys
 import time
@@ -23,4 +24,5 @@ def training_step(self, *args, **kwargs):
 
 Trainer.training_step = training_step
 sys.argv = [script, *sys.argv[3:]]
+sys.path[0] = os.path.dirname(os.path.abspath(script))  # what `python script` puts first (recipes import common)
 runpy.run_path(script, run_name="__main__")
