@@ -484,8 +484,9 @@ def run_interleaved(args, data: dict, workdir: str) -> list[dict]:
     """All variants in one process, one optimizer step each in turn, on the same batch: a drift of the machine's speed
     hits every variant alike, so the per-step ratio to `hf_ce` is steady where sequential runs are not.
 
-    The step is what `Trainer._run_epoch` does for one optimizer step, called directly: `get_batch_samples`,
-    `training_step`, `_clip_grad_norm`, `optimizer.step()`, `zero_grad()` (no dataloader, callbacks or scheduler:
+    The step is what the Trainer's epoch loop does for one optimizer step, called directly: `get_batch_samples`,
+    `training_step`, gradient clipping (`accelerator.clip_grad_norm_`), `optimizer.step()`, `zero_grad()` (no
+    dataloader, callbacks or scheduler:
     the same for every variant). The order rotates every step. No memory numbers: the models share one process.
     """
     import warnings
@@ -521,7 +522,9 @@ def run_interleaved(args, data: dict, workdir: str) -> list[dict]:
                 start, start_cpu = time.perf_counter(), time.process_time()
                 samples, num_items = trainer.get_batch_samples(iter([batch]), 1, device)
                 trainer.training_step(trainer.model, samples[0], num_items)
-                norm = trainer._clip_grad_norm(trainer.model)
+                norm = trainer.accelerator.clip_grad_norm_(
+                    trainer.model.parameters(), trainer.args.max_grad_norm or float("inf")
+                )
                 trainer.optimizer.step()
                 trainer.model.zero_grad()
                 sync()

@@ -76,11 +76,9 @@ __all__ = [
 # (rows x V) chunk (plus one small block, `_Workspace`); a chunk about as large as the hidden input (rows ~ N * H / V)
 # keeps that in proportion with the activations it is given. Clamped to 2**23 .. 2**25 elements (32 .. 128 MiB of
 # float32): below, the per-chunk overhead (three GEMM calls, the dW read-modify-write) grows; above, memory is spent
-# for no speed. Speed: GEMMs with few rows run below peak, so a per-device floor in rows. Measured on a shared 2-core
-# AVX-512 CPU (MKL), H=1024, V=128256, the three fp32 GEMMs per row: ~6.3-7.0 ms with 128 or 192-row chunks, 5.8 with
-# 256, 4.7-4.9 with 384-512 (noisy machine); forward+backward at N=4096: 28.4 s with 256-row chunks, 27.5 s with 384,
-# F.cross_entropy(label_smoothing) on materialized logits 33.8 s in the same process. 256 rows keep the fused loss near
-# 0.11 of that F.cross_entropy's peak memory at this vocabulary; 384 would reach 0.12, 512 about 0.13.
+# for no speed. Speed: GEMMs with few rows run below peak, so a per-device floor in rows; the CPU floor of 256 rows
+# was chosen by measurement (benchmarks/RESULTS.md, "Chunk rule") as the point past which larger chunks buy little
+# speed and cost peak memory.
 _MIN_ROWS = {"cpu": 256}
 _DEFAULT_MIN_ROWS = 128  # CUDA and others: tensor-core GEMMs reach most of their speed at 128 rows
 _CHUNK_ELEMENTS = (1 << 23, 1 << 25)
