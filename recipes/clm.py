@@ -52,28 +52,15 @@ decoder-only model translates through this recipe too, with --prompt_column hold
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
-from common import (  # noqa: E402
-    EvalDiagnosticsMixin,
-    LogLastStepCallback,
-    LoraArguments,
-    OutputDirArguments,
-    RecipeError,
-    apply_lora,
-    check_local_path,
-    check_sample_limits,
-    load_data_files,
-    parse_arguments,
-    prepare_output_dir,
-    recipe_main,
-    train_and_report,
-)
+from common import DataSourceArguments, EvalDiagnosticsMixin, LoraArguments, OutputDirArguments, RecipeError
+from common import apply_lora, build_trainer, check_data_sources, load_data_files, load_hub_dataset, recipe_main
+from common import run_description, start_run, train_and_report
 
 from hf_smooth import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
 
@@ -83,6 +70,8 @@ DATA_BUILDERS = {"txt": "text", "text": "text", "jsonl": "json", "json": "json",
 
 @dataclass
 class ModelArguments:
+    """The causal LM to fine-tune."""
+
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Hub id or local directory of a causal LM. Default: the embedded SmolLM2-135M-Instruct "
@@ -96,11 +85,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name (datasets.load_dataset)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "Local .txt, .json/.jsonl or .csv training file."})
-    validation_file: str | None = field(default=None, metadata={"help": "Local validation file (same format)."})
+class DataArguments(DataSourceArguments):
     text_column: str = field(default="text", metadata={"help": "Column holding the text (language modeling)."})
     prompt_column: str | None = field(
         default=None, metadata={"help": "Instruction data: prompt column; its tokens get label -100 (not scored)."}
@@ -126,26 +111,11 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        if self.dataset_name and self.train_file:
-            raise ValueError("Give --dataset_name or --train_file, not both.")
-        if self.validation_file and not self.train_file:
-            raise ValueError("--validation_file needs --train_file.")
+        check_data_sources(self, tuple(f".{suffix}" for suffix in DATA_BUILDERS), "a .txt, .json, .jsonl or .csv file")
         if (self.prompt_column is None) != (self.completion_column is None):
             raise ValueError("Instruction data needs both --prompt_column and --completion_column.")
         if self.block_size < 2:
             raise ValueError(f"--block_size must be at least 2 tokens (one input, one target), got {self.block_size}.")
-        if not 0 < self.validation_split_percentage < 100:
-            raise ValueError(
-                f"--validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}."
-            )
-        check_sample_limits(self)
-        for path in (self.train_file, self.validation_file):
-            if path is None:
-                continue
-            if not os.path.isfile(path):
-                raise ValueError(f"Data file {path} does not exist.")
-            if path.rsplit(".", 1)[-1] not in DATA_BUILDERS:
-                raise ValueError(f"Data file {path} must end in .txt, .json, .jsonl or .csv.")
 
 
 @dataclass
@@ -210,7 +180,7 @@ def load_model(args: ModelArguments):
 
 def load_raw_data(args: DataArguments):
     """A DatasetDict with 'train' and 'validation', and a short description of the source; checks the columns."""
-    from datasets import Dataset, DatasetDict, load_dataset
+    from datasets import Dataset, DatasetDict
 
     if args.dataset_name is None and args.train_file is None:
         if args.prompt_column or args.text_column != "text":
@@ -225,10 +195,7 @@ def load_raw_data(args: DataArguments):
             validation=Dataset.from_dict({"text": paragraphs[cut:]}),
         ), f"{name} (embedded, {len(text):,} characters)"
     if args.dataset_name is not None:
-        try:
-            raw = load_dataset(args.dataset_name, args.dataset_config_name)
-        except Exception as error:  # offline, unknown name or config: datasets raises several types
-            raise RecipeError(f"Could not load --dataset_name {args.dataset_name}: {error}") from None
+        raw = load_hub_dataset(args)
         source = args.dataset_name
     else:
         files = {"train": args.train_file}
@@ -328,11 +295,7 @@ def tokenize(raw, tokenizer, args: DataArguments):
 def run(argv: list[str] | None = None):
     """Parse, check, train, save, evaluate and write the outputs; returns `(metrics, trainer)`."""
     started = time.time()
-    model_args, data_args, lora_args, training_args = parse_arguments(ARGUMENT_CLASSES, argv)
-    checkpoint = prepare_output_dir(training_args)
-    if model_args.model_name_or_path is not None:
-        check_local_path(model_args.model_name_or_path, "--model_name_or_path")
-    set_seed(training_args.seed)
+    (model_args, data_args, lora_args, training_args), checkpoint = start_run(ARGUMENT_CLASSES, argv)
     raw, source = load_raw_data(data_args)  # before the model: a wrong column stops the run in seconds
     model, tokenizer, model_name = load_model(model_args)
     with training_args.main_process_first(desc="tokenizing"):
@@ -354,22 +317,12 @@ def run(argv: list[str] | None = None):
             model.enable_input_require_grads()
         model = apply_lora(model, lora_args, task_type="CAUSAL_LM")
 
-    trainer = ClmTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[LogLastStepCallback()],
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = build_trainer(ClmTrainer, model, training_args, train, evaluation, tokenizer, collator)
+    description = run_description(
+        "clm", model_name, source, lora_args, training_args, train, evaluation,
+        block_size=data_args.block_size, packing=data_args.packing,
     )
-    description = {
-        "task": "clm", "model": model_name, "data": source, "lora": lora_args.use_lora,
-        "smoothing_method": training_args.smoothing_method, "smoothing_alpha": training_args.smoothing_alpha,
-        "smoothing_alpha_end": training_args.smoothing_alpha_end, "seed": training_args.seed,
-        "block_size": data_args.block_size, "packing": data_args.packing,
-        "train_examples": len(train), "eval_examples": len(evaluation),
-    }
     metrics = train_and_report(
         trainer, checkpoint=checkpoint, description=description, started=started, script=__file__, argv=argv,
         title=f"clm: {model_name}, {training_args.smoothing_method}",

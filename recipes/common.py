@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 # ---- how a mistake reaches the user ---------------------------------------------------------------------------------
@@ -260,6 +260,81 @@ def check_sample_limits(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise ValueError(f"--{name} {value}: give a number of examples >= 0 (0 or unset: all).")
+
+
+@dataclass
+class DataSourceArguments:
+    """Where the data comes from, in both recipes: a hub dataset, local files, or (neither) the embedded assets."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name (datasets.load_dataset)."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset configuration (e.g. de-en)."}
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Local training file: .txt/.json/.jsonl/.csv for clm.py, .json/.jsonl for translation.py."},
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file (same format)."})
+
+
+def build_trainer(trainer_class, model, training_args, train, evaluation, tokenizer, data_collator, **extra):
+    """The recipe's trainer on its data, with the callback that logs the last step (`LogLastStepCallback`)."""
+    return trainer_class(
+        model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+        data_collator=data_collator, callbacks=[LogLastStepCallback()], **extra,
+    )
+
+
+def run_description(task: str, model_name: str, source: str, lora_args, training_args, train, evaluation, **extra):
+    """What a run was (written to metrics.json): the task, model, data, method, strength, seed and sizes."""
+    return {
+        "task": task, "model": model_name, "data": source, "lora": lora_args.use_lora,
+        "smoothing_method": training_args.smoothing_method, "smoothing_alpha": training_args.smoothing_alpha,
+        "smoothing_alpha_end": training_args.smoothing_alpha_end, "seed": training_args.seed,
+        "train_examples": len(train), "eval_examples": len(evaluation), **extra,
+    }
+
+
+def check_data_sources(args, suffixes: tuple[str, ...], what: str) -> None:
+    """The data flags both recipes share: a hub dataset or local files (not both), the validation split, the sample
+    limits, and local files that exist with one of `suffixes` (`what` names the accepted formats)."""
+    if args.dataset_name and args.train_file:
+        raise ValueError("Give --dataset_name or --train_file, not both.")
+    if args.validation_file and not args.train_file:
+        raise ValueError("--validation_file needs --train_file.")
+    if not 0 < args.validation_split_percentage < 100:
+        raise ValueError(f"--validation_split_percentage must be in (0, 100), got {args.validation_split_percentage}.")
+    check_sample_limits(args)
+    for path in (args.train_file, args.validation_file):
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise ValueError(f"Data file {path} does not exist.")
+        if not path.endswith(suffixes):
+            raise ValueError(f"Data file {path} must be {what}.")
+
+
+def load_hub_dataset(args):
+    """`datasets.load_dataset(--dataset_name, --dataset_config_name)`, with a one-line error when it fails."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(args.dataset_name, args.dataset_config_name)
+    except Exception as error:  # offline, unknown name or config: datasets raises several types
+        raise RecipeError(f"Could not load --dataset_name {args.dataset_name}: {error}") from None
+
+
+def start_run(argument_classes, argv, model_name_or_path_of=lambda parsed: parsed[0].model_name_or_path):
+    """The start both recipes share: parse (command line and config file), check the output folder (returns the
+    checkpoint to resume from, or None), check a local model path, seed. Returns ``(parsed, checkpoint)``."""
+    parsed = parse_arguments(argument_classes, argv)
+    training_args = parsed[-1]
+    checkpoint = prepare_output_dir(training_args)
+    model_path = model_name_or_path_of(parsed)
+    if model_path is not None:
+        check_local_path(model_path, "--model_name_or_path")
+    set_seed(training_args.seed)
+    return parsed, checkpoint
 
 
 def _use_cpu_when_no_accelerator() -> int:

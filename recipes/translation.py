@@ -54,29 +54,20 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
 
-from common import (  # noqa: E402
-    EvalDiagnosticsMixin,
-    LogLastStepCallback,
-    LoraArguments,
-    OutputDirArguments,
-    RecipeError,
-    apply_lora,
-    check_local_path,
-    check_sample_limits,
-    load_data_files,
-    parse_arguments,
-    prepare_output_dir,
-    recipe_main,
-    train_and_report,
-)
+from common import DataSourceArguments, EvalDiagnosticsMixin, LoraArguments, OutputDirArguments, RecipeError
+from common import apply_lora, build_trainer, check_data_sources, load_data_files, load_hub_dataset, recipe_main
+from common import run_description, start_run, train_and_report
 
 from hf_smooth import SmoothSeq2SeqTrainer, SmoothSeq2SeqTrainingArguments  # noqa: E402
 
 
 @dataclass
 class ModelArguments:
+    """The seq2seq model: a pretrained one, or the embedded Marian-architecture model built from a config (its
+    size is set by the embedded_* flags)."""
+
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Hub id or local directory of a seq2seq model (Marian, T5, BART, mBART, NLLB). Default: a "
@@ -99,13 +90,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(DataSourceArguments):
     source_lang: str = field(default="en", metadata={"help": "Source language code (key in the translation dict)."})
     target_lang: str = field(default="de", metadata={"help": "Target language code."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration (e.g. de-en)."})
-    train_file: str | None = field(default=None, metadata={"help": "Local .json/.jsonl training file."})
-    validation_file: str | None = field(default=None, metadata={"help": "Local .json/.jsonl validation file."})
     source_prefix: str = field(default="", metadata={"help": "Prepended to every source (T5: 'translate ...: ')."})
     tokenizer_source_lang: str | None = field(
         default=None, metadata={"help": "mBART/NLLB: tokenizer.src_lang code (e.g. en_XX, eng_Latn)."}
@@ -138,25 +125,10 @@ class DataArguments:
     def __post_init__(self):
         if self.source_lang == self.target_lang:
             raise ValueError(f"--source_lang and --target_lang are both {self.source_lang!r}.")
-        if self.dataset_name and self.train_file:
-            raise ValueError("Give --dataset_name or --train_file, not both.")
-        if self.validation_file and not self.train_file:
-            raise ValueError("--validation_file needs --train_file.")
-        if not 0 < self.validation_split_percentage < 100:
-            raise ValueError(
-                f"--validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}."
-            )
+        check_data_sources(self, (".json", ".jsonl"), ".json or .jsonl (rows with a 'translation' dict)")
         for name in ("max_source_length", "max_target_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: give a number of tokens >= 1.")
-        check_sample_limits(self)
-        for path in (self.train_file, self.validation_file):
-            if path is None:
-                continue
-            if not os.path.isfile(path):
-                raise ValueError(f"Data file {path} does not exist.")
-            if not path.endswith((".json", ".jsonl")):
-                raise ValueError(f"Data file {path} must be .json or .jsonl (rows with a 'translation' dict).")
 
 
 @dataclass
@@ -229,13 +201,8 @@ def load_pairs(args: DataArguments):
         catalogs = "+".join(args.embedded_catalogs)
         return train, evaluation, f"gettext catalogs ({catalogs}) {src}->{tgt}, {len(pairs)} pairs (embedded)"
 
-    from datasets import load_dataset
-
     if args.dataset_name is not None:
-        try:
-            raw = load_dataset(args.dataset_name, args.dataset_config_name)
-        except Exception as error:  # offline, unknown name or config: datasets raises several types
-            raise RecipeError(f"Could not load --dataset_name {args.dataset_name}: {error}") from None
+        raw = load_hub_dataset(args)
         source = args.dataset_name
     else:
         files = {"train": args.train_file, **({"validation": args.validation_file} if args.validation_file else {})}
@@ -380,11 +347,7 @@ class BleuMetrics:
 def run(argv: list[str] | None = None):
     """Parse, check, train, save, evaluate and write the outputs; returns `(metrics, trainer)`."""
     started = time.time()
-    model_args, data_args, lora_args, training_args = parse_arguments(ARGUMENT_CLASSES, argv)
-    checkpoint = prepare_output_dir(training_args)
-    if model_args.model_name_or_path is not None:
-        check_local_path(model_args.model_name_or_path, "--model_name_or_path")
-    set_seed(training_args.seed)
+    (model_args, data_args, lora_args, training_args), checkpoint = start_run(ARGUMENT_CLASSES, argv)
     train_pairs, eval_pairs, source = load_pairs(data_args)  # before the model: wrong languages stop it in seconds
     if data_args.max_train_samples:
         train_pairs = train_pairs[: data_args.max_train_samples]
@@ -398,24 +361,15 @@ def run(argv: list[str] | None = None):
     train, evaluation = encode(train_pairs, tokenizer, data_args), encode(eval_pairs, tokenizer, data_args)
 
     bleu = BleuMetrics(tokenizer)
-    trainer = TranslationTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    trainer = build_trainer(
+        TranslationTrainer, model, training_args, train, evaluation, tokenizer, collator,
         compute_metrics=bleu if training_args.predict_with_generate else None,
-        callbacks=[LogLastStepCallback()],
     )
-    description = {
-        "task": "translation", "model": model_name, "data": source, "lora": lora_args.use_lora,
-        "pair": f"{data_args.source_lang}-{data_args.target_lang}",
-        "smoothing_method": training_args.smoothing_method, "smoothing_alpha": training_args.smoothing_alpha,
-        "smoothing_alpha_end": training_args.smoothing_alpha_end, "seed": training_args.seed,
-        "train_examples": len(train), "eval_examples": len(evaluation),
-        "generation_num_beams": training_args.generation_num_beams,
-    }
+    description = run_description(
+        "translation", model_name, source, lora_args, training_args, train, evaluation,
+        pair=f"{data_args.source_lang}-{data_args.target_lang}", generation_num_beams=training_args.generation_num_beams,
+    )
 
     def write_predictions(output_dir: str) -> None:
         if bleu.hypotheses:
