@@ -324,13 +324,14 @@ def load_hub_dataset(args):
         raise RecipeError(f"Could not load --dataset_name {args.dataset_name}: {error}") from None
 
 
-def start_run(argument_classes, argv, model_name_or_path_of=lambda parsed: parsed[0].model_name_or_path):
-    """The start both recipes share: parse (command line and config file), check the output folder (returns the
-    checkpoint to resume from, or None), check a local model path, seed. Returns ``(parsed, checkpoint)``."""
+def start_run(argument_classes, argv):
+    """The start both recipes share: parse (command line and config file; the model arguments first, the training
+    arguments last), check the output folder (returns the checkpoint to resume from, or None), check a local model
+    path, seed. Returns ``(parsed, checkpoint)``."""
     parsed = parse_arguments(argument_classes, argv)
     training_args = parsed[-1]
     checkpoint = prepare_output_dir(training_args)
-    model_path = model_name_or_path_of(parsed)
+    model_path = parsed[0].model_name_or_path
     if model_path is not None:
         check_local_path(model_path, "--model_name_or_path")
     set_seed(training_args.seed)
