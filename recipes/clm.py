@@ -5,7 +5,7 @@ Launch commands (from the repository root):
     # Embedded default, offline: SmolLM2-135M-Instruct + LoRA + MaxSup (alpha 0.1) on Shakespeare, 40 steps;
     # 345 s on a shared 2-core CPU (recipes/README.md has the measurements)
     python recipes/clm.py --output_dir outputs/clm
-    accelerate launch recipes/clm.py --output_dir outputs/clm
+    accelerate launch --config_file recipes/configs/one_process.yaml recipes/clm.py --output_dir outputs/clm
 
     # Plain cross-entropy; label smoothing with another seed; MaxSup ramped 0.1 -> 0.2 as in the paper
     python recipes/clm.py --smoothing_method none --output_dir outputs/clm-ce

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +110,19 @@ class OutputDirArguments:
         metadata={"help": "Continue an interrupted run: a checkpoint-<step> folder, or 'true' for the last one in "
                   "--output_dir. Same step, learning-rate and alpha schedule, data order and loss curve."},
     )
+    # A default of TrainingArguments changed for the recipes: with None, the Trainer asks DDP to search for unused
+    # parameters every step (it does unless gradient checkpointing is on), and DDP then warns on every rank that it
+    # found none. The recipes' models (and LoRA adapters) use every trainable parameter in each forward.
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP: search the autograd graph for parameters without gradient at every step. Off: the "
+                  "recipes' models use all their trainable parameters; turn it on for a model with unused branches."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dataloader_pin_memory and not _accelerator_available():
+            self.dataloader_pin_memory = False  # pinned memory needs an accelerator (torch warns and ignores it)
 
 
 # Float flags for which +inf is a meaningful setting (clip nothing but still log the norm).
@@ -338,6 +352,13 @@ def start_run(argument_classes, argv):
     return parsed, checkpoint
 
 
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def _use_cpu_when_no_accelerator() -> int:
     """Number of launched processes; on a machine without any accelerator, make a multi-process launch use CPU DDP.
 
@@ -348,11 +369,7 @@ def _use_cpu_when_no_accelerator() -> int:
     """
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if ranks > 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
-        import torch
-
-        accelerator = getattr(torch, "accelerator", None)
-        available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-        if not available:
+        if not _accelerator_available():
             os.environ["ACCELERATE_USE_CPU"] = "true"
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"No GPU found: running the {ranks} processes as CPU DDP (gloo).", flush=True)
@@ -602,7 +619,11 @@ def apply_lora(model, lora: LoraArguments, task_type: str):
         r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets, task_type=task_type,
     )
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft (0.21) reads the model's deprecated `is_gradient_checkpointing` property, so transformers (5.24) warns
+        # about a spelling neither the user nor hf_smooth wrote.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)", flush=True)

