@@ -125,11 +125,14 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
 
     # ---- training ------------------------------------------------------------------------------------------------
 
-    def _train(self, *args, **kwargs):
-
+    def train(self, *args, **kwargs):
         # evaluate() before train() must not leave the model without its DDP wrapper (see _compat).
         _compat.undo_evaluation_only_prepare(self)
-        return super().train(*args, **kwargs)
+        self._run_parts = None
+        output = super().train(*args, **kwargs)
+        # `log` replaced metrics["train_loss"] by the token-weighted objective; TrainOutput carries the old mean.
+        train_loss = output.metrics.get("train_loss", output.training_loss)
+        return type(output)(output.global_step, train_loss, output.metrics)
 
     # ---- token count over the accumulation window ----------------------------------------------------------------
 
@@ -313,13 +316,6 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         aux, aux_term = (totals[num_fields:] / count).tolist()
         means["aux_loss"], means["objective"] = aux, means["loss"] + aux_term
         return means
-
-    def train(self, *args, **kwargs):
-        self._run_parts = None
-        output = self._train(*args, **kwargs)
-        # `log` replaced metrics["train_loss"] by the token-weighted objective; TrainOutput carries the old mean.
-        train_loss = output.metrics.get("train_loss", output.training_loss)
-        return type(output)(output.global_step, train_loss, output.metrics)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Report the token-weighted objective as `loss` (and `train_loss`), with NLL, perplexity, penalty, alpha,
