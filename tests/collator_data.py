@@ -1,5 +1,5 @@
 """transformers' own collators on the tiny models of tests/tiny_models.py: a tiny tokenizer built in code, the
-features each collator takes, and the examples the per-example oracle of tests/test_trainer.py scores.
+features each collator takes, and the examples the per-example oracle of tests/trainer_helpers.py scores.
 
 `DataCollatorForLanguageModeling` and `DataCollatorForSeq2Seq` return a `BatchEncoding` (a `UserDict`, not a `dict`);
 `DataCollatorWithFlattening` (padding-free) returns a plain dict of one packed row with `position_ids`. These are
@@ -9,7 +9,7 @@ cannot.
 
 from __future__ import annotations
 
-from tiny_models import PAD, VOCAB
+from tiny_models import PAD, SEQ2SEQ, VOCAB
 from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithFlattening
 from transformers import PreTrainedTokenizerFast
 
@@ -71,3 +71,9 @@ def oracle_examples(kind: str, examples: list[dict]) -> list[dict]:
         assert all(PAD not in e["input_ids"] for e in examples)  # the collator masks pad ids only
         return [{"input_ids": list(e["input_ids"]), "labels": list(e["input_ids"])} for e in examples]
     return [{"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in examples]
+
+
+def scored_tokens(name: str, oracle_rows: list[dict]) -> int:
+    """Tokens the loss scores, by hand: all non-ignored labels (seq2seq) or those after the causal shift."""
+    start = 0 if name in SEQ2SEQ else 1
+    return sum(sum(1 for label in row["labels"][start:] if label != -100) for row in oracle_rows)

@@ -9,7 +9,7 @@ normalized by the token count of the accumulation window must be far off (> 0.7)
 Here the same for `SmoothTrainer` (none / label smoothing / MaxSup, fused and unfused) and for `SmoothedLoss` as a
 plain Trainer's `compute_loss_func`, with upstream's bound and stronger ones, since hf_smooth's normalization is
 exact rather than approximate: the curves agree to 1e-5, and the first step's logged loss and `grad_norm` equal the
-per-example float64 oracle of tests/test_trainer.py on the rows of the first global batch.
+per-example float64 oracle of tests/trainer_helpers.py on the rows of the first global batch.
 
 The broken control differs from upstream's. hf_smooth logs the token-weighted objective from its own sums (issue
 10.7), so a normalization bug no longer shows in the logged loss of the same step; it shows in the gradient, i.e. in
@@ -21,13 +21,11 @@ their loss curve breaks the 1e-5 bound, which shows that these checks can fail.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from collator_data import tiny_tokenizer, word
-from test_trainer import ALPHA, METHODS, LogitLengths, assert_fused_ran, oracle_token_losses
 from tiny_models import BUILDERS, VOCAB
+from trainer_helpers import ALPHA, METHODS, oracle_token_losses, train_checking_fused
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from hf_smooth import SmoothedLoss, SmoothTrainer, SmoothTrainingArguments
@@ -91,7 +89,7 @@ class RecordingCollator:
 
 def oracle_first_step(features: list[dict], pad_id: int, method: str) -> tuple[float, float]:
     """Objective and gradient norm of the first optimizer step at the initial parameters: each row alone (no
-    padding), float64 per-token losses (tests/test_trainer.py's oracle), summed over the global batch / its scored
+    padding), float64 per-token losses (tests/trainer_helpers.py's oracle), summed over the global batch / its scored
     tokens."""
     model = BUILDERS["llama"](0)
     total, count = 0.0, 0
@@ -130,13 +128,7 @@ def run_smooth_trainer(tmp_path, split: dict, method: str, fused: bool, trainer_
     callback = StoreLossCallback()
     model = BUILDERS["llama"](0)
     trainer = trainer_cls(model, args, train_dataset=dataset, callbacks=[callback], data_collator=collator)
-    lengths = LogitLengths(model) if fused else None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.train()
-    if fused:
-        lengths.handle.remove()
-        assert_fused_ran(trainer, lengths, caught)
+    train_checking_fused(trainer, model, fused)
     return callback, collator.features, tokenizer.pad_token_id
 
 
@@ -145,12 +137,11 @@ def run_smoothed_loss(tmp_path, split: dict, method: str, broken: bool = False):
     collator = RecordingCollator(DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False))
     args = TrainingArguments(str(tmp_path), **ARGS, **split)
     loss = SmoothedLoss(smoothing_method=method, smoothing_alpha=ALPHA)
-    compute_loss_func = loss
-    if broken:  # upstream's disable_num_items_in_batch=True
 
-        def compute_loss_func(outputs, labels, num_items_in_batch=None):
-            return loss(outputs, labels, num_items_in_batch=None)
+    def without_count(outputs, labels, num_items_in_batch=None):  # upstream's disable_num_items_in_batch=True
+        return loss(outputs, labels, num_items_in_batch=None)
 
+    compute_loss_func = without_count if broken else loss
     set_seed(42)
     callback = StoreLossCallback()
     trainer = Trainer(

@@ -1,4 +1,4 @@
-"""Accumulation invariance fed by transformers' own collators, against the per-example oracle of test_trainer.
+"""Accumulation invariance fed by transformers' own collators, against the per-example oracle of trainer_helpers.
 
 `DataCollatorForLanguageModeling(mlm=False)` (Llama, GPT-2) and `DataCollatorForSeq2Seq(model=...)` (T5, Marian)
 return a `BatchEncoding`, not a `dict`; `DataCollatorWithFlattening` packs a micro-batch into one row with
@@ -11,69 +11,18 @@ here: each micro-batch is then averaged over itself and the step is about GA tim
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from collator_data import collator_features, make_collator, oracle_examples, tiny_tokenizer
-from test_trainer import METHODS, LogitLengths, assert_fused_ran, max_diff, reference_step, training_args
-from tiny_models import BUILDERS, SEQ2SEQ, ListDataset, causal_examples, seq2seq_examples
+from collator_data import collator_features, make_collator, oracle_examples, scored_tokens
+from tiny_models import BUILDERS, SEQ2SEQ, causal_examples, seq2seq_examples
+from trainer_helpers import METHODS, max_diff, params_of, reference_step, train_with_collator
 from transformers import BatchEncoding
-
-from hf_smooth import SmoothSeq2SeqTrainer, SmoothTrainer
 
 SPLITS = [(4, 1), (2, 2), (1, 4)]
 
 
-class RecordBatches:
-    """Keeps every micro-batch the trainer fetched (as the collator returned it) and the count of each step."""
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self.seen_batches.extend(batches)
-        self.step_counts.append(count)
-        return batches, count
-
-
-class RecordingSmoothTrainer(RecordBatches, SmoothTrainer):
-    pass
-
-
-class RecordingSmoothSeq2SeqTrainer(RecordBatches, SmoothSeq2SeqTrainer):
-    pass
-
-
 def examples_for(name: str) -> list[dict]:
     return seq2seq_examples(4) if name in SEQ2SEQ else causal_examples(4)
-
-
-def scored_tokens(name: str, oracle_rows: list[dict]) -> int:
-    """Tokens the loss scores, by hand: all non-ignored labels (seq2seq) or those after the causal shift."""
-    start = 0 if name in SEQ2SEQ else 1
-    return sum(sum(1 for label in row["labels"][start:] if label != -100) for row in oracle_rows)
-
-
-def train_with_collator(name, kind, bs, ga, method, fused, tmp_path, examples):
-    model = BUILDERS[name](0)
-    tokenizer = tiny_tokenizer()
-    seq2seq = name in SEQ2SEQ
-    trainer_cls = RecordingSmoothSeq2SeqTrainer if seq2seq else RecordingSmoothTrainer
-    trainer = trainer_cls(
-        model=model,
-        args=training_args(tmp_path, bs, ga, method, seq2seq=seq2seq, smoothing_fused_loss=fused),
-        train_dataset=ListDataset(collator_features(kind, examples)),
-        data_collator=make_collator(kind, tokenizer, model),
-        processing_class=tokenizer,
-    )
-    trainer.seen_batches, trainer.step_counts = [], []
-    lengths = LogitLengths(model) if fused else None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.train()
-    if fused:
-        lengths.handle.remove()
-        assert_fused_ran(trainer, lengths, caught)
-    return {k: v.detach().clone() for k, v in model.named_parameters()}, trainer
 
 
 def assert_collator_output(kind: str, batches: list, rows_per_batch: int) -> None:
@@ -104,7 +53,7 @@ def test_accumulation_invariance_with_transformers_collators(name, kind, method,
     examples = examples_for(name)
     rows = oracle_examples(kind, examples)
     expected, expected_loss = reference_step(BUILDERS[name](0), name, rows, method)
-    initial = {k: v.detach().clone() for k, v in BUILDERS[name](0).named_parameters()}
+    initial = params_of(BUILDERS[name](0))
     assert max_diff(expected, initial) > 1e-3  # the step moves the parameters: the comparison can fail
     scored = scored_tokens(name, rows)
     for bs, ga in SPLITS:

@@ -12,26 +12,20 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from launch_helpers import ROOT, TESTS, launch_two_processes
 from packaging.version import Version
 from tiny_models import BUILDERS, ListDataset, PadCollator, causal_examples
 from transformers import Trainer
 
 from hf_smooth import SmoothTrainer, SmoothTrainingArguments, _compat
-
-TESTS = Path(__file__).resolve().parent
 
 
 def smooth_trainer(tmp_path, **extra):
@@ -210,26 +204,12 @@ def test_undo_without_accelerates_model_record_fails_loudly():
         _compat.undo_evaluation_only_prepare(trainer)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_real_processes_evaluate_then_train_are_ddp_or_raise(tmp_path):
     """2 gloo processes, evaluate() then train(): DDP-wrapped as shipped; with the workaround switched off (as if
     accelerate renamed what it resets) the post-condition stops training on both ranks instead of drifting."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(TESTS / "scripts" / "ddp_compat.py"), str(tmp_path),
-    ]
-    path = [str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH")]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=os.pathsep.join(p for p in path if p))
-    done = subprocess.run(command, env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    script = TESTS / "scripts" / "ddp_compat.py"
+    launch_two_processes(script, [str(tmp_path)], hf_home=tmp_path / "hf_home", timeout=300)
     # accelerate >= 1.14 refuses to prepare a model twice ("can't double wrap"), which is what strands the model
     # that evaluate() prepared; before 1.14 train() wraps it anyway and the workaround has nothing to undo.
     refuses_twice = "_is_accelerate_prepared" in inspect.getsource(Accelerator.prepare_model)
@@ -245,7 +225,6 @@ def test_two_real_processes_evaluate_then_train_are_ddp_or_raise(tmp_path):
 
 # ---- the declared range is the range CI proves -------------------------------------------------------------------
 
-ROOT = TESTS.parent
 FLOORED = {"torch", "transformers", "accelerate", "peft", "trl"}
 
 

@@ -4,11 +4,11 @@ Each test module launch runs `tests/scripts/ddp_train.py` once under
 
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-with a list of scenarios (a launch costs 10-20 s of start-up here, so scenarios share one). Every scenario takes one
-SGD step (lr 1, no clipping) on a global batch of 8 variable-length rows: 2 ranks x 2 padded rows x 2 accumulation
-steps. The single-process references are computed in this process:
+with a list of scenarios (tests/ddp_scenarios.py; a launch costs 10-20 s of start-up here, so scenarios share one).
+Every scenario takes one SGD step (lr 1, no clipping) on a global batch of 8 variable-length rows: 2 ranks x 2 padded
+rows x 2 accumulation steps. The single-process references are computed in this process:
 
-- the oracle of tests/test_trainer.py: every row run alone (no padding), per-token losses from PyTorch's own
+- the oracle of tests/trainer_helpers.py: every row run alone (no padding), per-token losses from PyTorch's own
   F.cross_entropy / the naive MaxSup formula in float64, summed and divided by the global token count, one SGD step;
 - SmoothTrainer in one process with the whole global batch in one micro-batch (8 x 1).
 
@@ -20,30 +20,20 @@ rank with nothing to score).
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_scenarios import build_model, check_two_process_step, launch_scenarios
 from metric_oracles import oracle_metrics
-from test_trainer import ALPHA, example_logits_and_targets, max_diff, oracle_token_losses, reference_step
-from test_trainer import SMOOTH_LOG_KEYS, training_args
 from tiny_models import SEQ2SEQ, ListDataset, PadCollator, causal_examples, seq2seq_examples
+from trainer_helpers import ALPHA, example_logits_and_targets, max_diff, oracle_token_losses, params_of
+from trainer_helpers import reference_step, smooth_log, training_args
 
 from hf_smooth import SmoothSeq2SeqTrainer, SmoothTrainer
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-SCRIPT = TESTS / "scripts" / "ddp_train.py"
-# Backstop only: a rank stuck in a collective exits by itself after 120 s with its stack (ddp_train.py watchdog).
-LAUNCH_TIMEOUT_S = 420
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "ddp_train.py"
 
 # The training arguments of the scenarios: 2 ranks x 2 rows x 2 accumulation steps = a global batch of 8.
 BS, GA, EVAL_BS = 2, 2, 2
@@ -53,16 +43,6 @@ GLOBAL_ROWS = 2 * BS * GA
 TIMING_KEYS = {
     "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time", "epoch",
 }
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("ddp_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ddp_train = _load_script()
 
 
 # ---- data and scenarios ----------------------------------------------------------------------------------------
@@ -152,86 +132,17 @@ assert len({s["name"] for s in DEFAULT_SCENARIOS + SLOW_SCENARIOS}) == len(DEFAU
 # ---- launching -------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    # Other test runs may launch at the same time on this machine: never rely on accelerate's fixed 29500.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_tree(pid: int) -> None:
-    """Kill the launcher and every process under it. torchrun starts each rank in a session of its own, so killing
-    the launcher's process group leaves the ranks running (and holding the output pipe open)."""
-    import psutil  # a dependency of accelerate
-
-    try:
-        launcher = psutil.Process(pid)
-        processes = launcher.children(recursive=True) + [launcher]  # listed before any is killed and reparented
-    except psutil.NoSuchProcess:
-        return
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def launch(run_dir: Path, scenarios: list) -> dict:
-    """Run all `scenarios` in one 2-process launch; returns {name: outputs} (see tests/scripts/ddp_train.py)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "scenarios.json").write_text(json.dumps(scenarios))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(SCRIPT), str(run_dir),
-    ]
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-        # two processes on a 2-core machine: one thread each, or they fight over the cores
-        OMP_NUM_THREADS="1",
-        # no user accelerate config file can change the launch
-        HF_HOME=str(run_dir / "hf_home"),
-        PYTHONPATH=os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p),
-    )
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _kill_tree(process.pid)
-        output, _ = process.communicate(timeout=60)
-        pytest.fail(f"2-process launch did not finish in {LAUNCH_TIMEOUT_S} s (a rank hanging?):\n{output[-8000:]}")
-    if process.returncode != 0:
-        pytest.fail(f"2-process launch failed with exit code {process.returncode}:\n{output[-8000:]}")
-
-    results = {}
-    for spec in scenarios:
-        out = run_dir / spec["name"]
-        result = json.loads((out / "result.json").read_text())
-        result["ranks"] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-        result["initial"] = torch.load(out / "initial.pt")
-        result["params"] = torch.load(out / "params.pt")
-        results[spec["name"]] = result
-    return results
-
-
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("ddp_default"), DEFAULT_SCENARIOS)
+    return launch_scenarios(SCRIPT, tmp_path_factory.mktemp("ddp_default"), DEFAULT_SCENARIOS)
 
 
 @pytest.fixture(scope="module")
 def slow_run(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("ddp_slow"), SLOW_SCENARIOS)
+    return launch_scenarios(SCRIPT, tmp_path_factory.mktemp("ddp_slow"), SLOW_SCENARIOS)
 
 
 # ---- references computed in this process -----------------------------------------------------------------------
-
-
-def fresh_model(spec):
-    return ddp_train.build_model(spec)
 
 
 def one_process_trainer(spec, tmp_path):
@@ -243,13 +154,13 @@ def one_process_trainer(spec, tmp_path):
     )
     trainer_cls = SmoothSeq2SeqTrainer if seq2seq else SmoothTrainer
     return trainer_cls(
-        model=fresh_model(spec), args=args, train_dataset=ListDataset(spec["train"]), data_collator=PadCollator()
+        model=build_model(spec), args=args, train_dataset=ListDataset(spec["train"]), data_collator=PadCollator()
     )
 
 
 def trained_params(trainer):
     trainer.train()
-    return {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    return params_of(trainer.model)
 
 
 def hand_eval(model, spec, examples):
@@ -276,41 +187,21 @@ def metric_items(metrics: dict) -> dict:
 # ---- checks ----------------------------------------------------------------------------------------------------
 
 
-def rank_tokens(result) -> list[list[int]]:
-    return [[m["local_tokens"] for m in rank["micro_batches"]] for rank in result["ranks"]]
-
-
 def check_training_step(result, spec, tmp_path):
     """Parameters and logs of the 2-process step equal the oracle and the 1-process SmoothTrainer."""
-    assert result["world_size"] == 2
-    assert result["wrapped_as"] == "DistributedDataParallel"
-    ga = spec["gradient_accumulation_steps"]
-    tokens = rank_tokens(result)
-    assert [len(t) for t in tokens] == [ga, ga], tokens  # each rank took ga micro-batches
-    total = sum(map(sum, tokens))
-    for rank in result["ranks"]:
-        for micro in rank["micro_batches"]:
-            # every micro-batch is divided by the count of the whole step on both ranks, never its own
-            assert micro["num_items_in_batch"] == total, (micro, total)
-            assert math.isfinite(micro["loss"])
-
-    initial = {k: v.detach() for k, v in fresh_model(spec).named_parameters()}
+    initial = {k: v.detach() for k, v in build_model(spec).named_parameters()}
     assert max_diff(result["initial"], initial) == 0.0  # the ranks built the same model as this process
 
-    reference_model = fresh_model(spec)
+    reference_model = build_model(spec)
     expected, expected_loss = reference_step(reference_model, spec["model"], spec["train"], spec["method"])
     trainable = {k for k, v in reference_model.named_parameters() if v.requires_grad}
     assert max_diff({k: expected[k] for k in trainable}, {k: initial[k] for k in trainable}) > 1e-3  # it moved
-    assert max_diff(result["params"], expected) < 1e-6
 
     one = one_process_trainer(spec, tmp_path)
-    assert max_diff(result["params"], trained_params(one)) < 1e-6
-    (logged,) = [log for log in result["log_history"] if "nll" in log]  # the step's log (eval logs aside)
-    (reference_log,) = [log for log in one.state.log_history if "nll" in log]
-    assert logged["loss"] == pytest.approx(expected_loss, rel=1e-5)
-    for key in SMOOTH_LOG_KEYS:
-        assert logged[key] == pytest.approx(reference_log[key], rel=1e-5, abs=1e-7), key
-    assert logged["num_tokens_scored"] == total
+    tokens = check_two_process_step(
+        result, ga=spec["gradient_accumulation_steps"], expected=expected, expected_loss=expected_loss,
+        one_params=trained_params(one), one_log=smooth_log(one.state.log_history),
+    )
     if spec["fused"] and spec["model"] not in SEQ2SEQ:
         assert result["fused_ran"] and not result["fallback_warnings"]
     else:
@@ -330,7 +221,7 @@ def check_evaluation(result, spec, tmp_path):
     for key, value in one_before.items():
         assert two_before[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
 
-    expected = hand_eval(fresh_model(spec), spec, examples)
+    expected = hand_eval(build_model(spec), spec, examples)
     assert two_before["eval_num_tokens"] == expected["num_tokens"]  # duplicated samples counted once
     assert two_before["eval_nll"] == pytest.approx(expected["nll_by_cross_entropy"], rel=1e-6)
     assert two_before["eval_loss"] == pytest.approx(expected["loss"], rel=1e-6)

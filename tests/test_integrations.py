@@ -6,8 +6,9 @@ import copy
 
 import pytest
 import torch
-from test_trainer import ALPHA, LR, max_diff, reference_step, train_once
 from tiny_models import BUILDERS, ListDataset, PadCollator, causal_examples
+from trainer_helpers import ALPHA, LR, checkpointing_args, max_diff, reference_step
+from trl_sft_pieces import compute_loss_func_deprecation, sft_pieces
 from transformers import Trainer, TrainingArguments
 
 from hf_smooth import SmoothedLoss, SmoothingArguments, SmoothLossMixin, SmoothTrainer
@@ -76,10 +77,7 @@ def test_peft_lora_trains_only_adapters_with_gradient_checkpointing(tmp_path):
     model = peft.get_peft_model(base, config)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     args = SmoothingArguments(smoothing_method="maxsup", smoothing_alpha=ALPHA)
-    targs = plain_args(
-        tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
-        learning_rate=0.5, max_steps=2,
-    )
+    targs = plain_args(tmp_path, **checkpointing_args(), learning_rate=0.5, max_steps=2)
     trainer = SmoothTrainer(
         model=model, args=targs, smoothing_args=args, train_dataset=ListDataset(causal_examples(8)),
         data_collator=PadCollator(),
@@ -109,32 +107,8 @@ def test_peft_lora_matches_reference_update(tmp_path):
     assert max_diff({k: v.detach() for k, v in model.named_parameters()}, expected) < 1e-6
 
 
-def _sft_pieces(tmp_path, **config_extra):
-    trl = pytest.importorskip("trl")
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [f"question {i} answer {i * 7 % 11} done" for i in range(40)]
-    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    raw.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
-    from datasets import Dataset
-
-    data = Dataset.from_list(
-        [{"prompt": f"question {i}", "completion": f" answer {i * 7 % 11} done"} for i in range(16)]
-    )
-    model = BUILDERS["llama"](0, vocab=len(tokenizer))
-    config = trl.SFTConfig(
-        output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=2, report_to=[], use_cpu=True,
-        logging_steps=1, save_strategy="no", disable_tqdm=True, completion_only_loss=True, max_length=32,
-        learning_rate=1e-2, **config_extra,
-    )
-    return trl, tokenizer, data, model, config
-
-
 def test_trl_sft_trainer_with_mixin_completion_only(tmp_path):
-    trl, tokenizer, data, model, config = _sft_pieces(tmp_path)
+    trl, tokenizer, data, model, config = sft_pieces(tmp_path)
 
     class SmoothSFTTrainer(SmoothLossMixin, trl.SFTTrainer):
         pass
@@ -162,9 +136,9 @@ def test_trl_sft_trainer_with_mixin_completion_only(tmp_path):
 
 
 def test_trl_sft_trainer_with_smoothed_loss(tmp_path):
-    trl, tokenizer, data, model, config = _sft_pieces(tmp_path, loss_type="nll")
+    trl, tokenizer, data, model, config = sft_pieces(tmp_path, loss_type="nll")
     loss = SmoothedLoss(smoothing_method="label_smoothing", smoothing_alpha=ALPHA)
-    with pytest.warns(FutureWarning):
+    with compute_loss_func_deprecation():
         trainer = trl.SFTTrainer(
             model=model, args=config, train_dataset=data, processing_class=tokenizer, compute_loss_func=loss,
             callbacks=[loss],

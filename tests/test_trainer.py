@@ -1,14 +1,13 @@
 """SmoothTrainer / SmoothSeq2SeqTrainer: exact normalization, shifting, logging, schedule and resume.
 
-The reference for every update is computed here by hand: each example run alone (no padding), its per-token
-losses from PyTorch's own F.cross_entropy (label smoothing) or the naive MaxSup formula, summed over the global
-batch and divided by its token count, then one SGD step. The trainer must land on the same parameters whatever
-the micro-batch split.
+The reference for every update is the oracle of tests/trainer_helpers.py, computed by hand: each example run alone
+(no padding), its per-token losses from PyTorch's own F.cross_entropy (label smoothing) or the naive MaxSup formula,
+summed over the global batch and divided by its token count, then one SGD step. The trainer must land on the same
+parameters whatever the micro-batch split.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -16,87 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_models import BUILDERS, SEQ2SEQ, ListDataset, PadCollator, causal_examples, seq2seq_examples
+from trainer_helpers import ALPHA, LR, METHODS, SMOOTH_LOG_KEYS, checkpointing_args, example_logits_and_targets
+from trainer_helpers import is_checkpointing, is_fallback_warning, max_diff, oracle_token_losses, params_of
+from trainer_helpers import reference_step, smooth_log, smooth_trainer, train_checking_fused, train_once
+from trainer_helpers import training_args
 from transformers import Trainer, TrainingArguments
 
-from hf_smooth import SmoothingArguments, SmoothSeq2SeqTrainer, SmoothSeq2SeqTrainingArguments, SmoothTrainer
-from hf_smooth import SmoothTrainingArguments
+from hf_smooth import SmoothingArguments, SmoothTrainer, SmoothTrainingArguments
 from hf_smooth import label_smoothing_loss, maxsup_loss
-from hf_smooth.modeling import unwrap_model
-
-METHODS = ["none", "label_smoothing", "maxsup"]
-ALPHA = 0.1
-LR = 1.0
-
-
-def oracle_token_losses(logits: torch.Tensor, targets: torch.Tensor, method: str, alpha: float) -> torch.Tensor:
-    """Per-token losses of the scored positions, float64, from PyTorch's own CE (independent of hf_smooth)."""
-    keep = targets != -100
-    z, y = logits[keep].double(), targets[keep]
-    if method == "label_smoothing":
-        return F.cross_entropy(z, y, label_smoothing=alpha, reduction="none")
-    ce = F.cross_entropy(z, y, reduction="none")
-    if method == "maxsup":
-        return ce + alpha * (z.max(dim=-1).values - z.mean(dim=-1))
-    return ce
-
-
-def example_logits_and_targets(model, name: str, example: dict):
-    ids = torch.tensor([example["input_ids"]])
-    labels = torch.tensor([example["labels"]])
-    if name in SEQ2SEQ:
-        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits = model(input_ids=ids, decoder_input_ids=decoder_input_ids).logits
-        return logits[0], labels[0]
-    logits = model(input_ids=ids).logits
-    return logits[0, :-1], labels[0, 1:]
-
-
-def reference_step(model, name: str, examples: list, method: str, alpha: float = ALPHA):
-    """One SGD step on sum(per-token loss) / (token count) over all examples; returns the new parameters."""
-    model = copy.deepcopy(model)
-    model.train()
-    total, count = 0.0, 0
-    for example in examples:
-        logits, targets = example_logits_and_targets(model, name, example)
-        losses = oracle_token_losses(logits, targets, method, alpha)
-        total = total + losses.sum()
-        count += losses.numel()
-    loss = total / count
-    loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p -= LR * p.grad
-    return {k: v.detach() for k, v in model.named_parameters()}, loss.item()
-
-
-def training_args(tmp_path, bs: int, ga: int, method: str, seq2seq: bool = False, **extra):
-    defaults = dict(
-        output_dir=str(tmp_path / f"run_{bs}x{ga}"), per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-        max_steps=1, learning_rate=LR, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
-        report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
-        smoothing_method=method, smoothing_alpha=ALPHA if method != "none" else 0.1,
-    )
-    defaults.update(extra)
-    return (SmoothSeq2SeqTrainingArguments if seq2seq else SmoothTrainingArguments)(**defaults)
-
-
-def train_once(name, bs, ga, method, tmp_path, examples=None, **extra):
-    model = BUILDERS[name](0)
-    examples = examples or (seq2seq_examples(4) if name in SEQ2SEQ else causal_examples(4))
-    trainer_cls = SmoothSeq2SeqTrainer if name in SEQ2SEQ else SmoothTrainer
-    trainer = trainer_cls(
-        model=model, args=training_args(tmp_path, bs, ga, method, seq2seq=name in SEQ2SEQ, **extra), train_dataset=ListDataset(examples),
-        data_collator=PadCollator(),
-    )
-    trainer.train()
-    return {k: v.detach().clone() for k, v in model.named_parameters()}, trainer
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys() and len(a) > 0
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
 
 CASES = [(name, method) for name in ["llama", "gpt2", "t5", "marian"] for method in METHODS]
 assert len(CASES) == 12
@@ -106,7 +32,7 @@ assert len(CASES) == 12
 def test_accumulation_invariance_matches_oracle(name, method, tmp_path):
     examples = seq2seq_examples(4) if name in SEQ2SEQ else causal_examples(4)
     expected, expected_loss = reference_step(BUILDERS[name](0), name, examples, method)
-    initial = {k: v.detach().clone() for k, v in BUILDERS[name](0).named_parameters()}
+    initial = params_of(BUILDERS[name](0))
     assert max_diff(expected, initial) > 1e-3  # the step moves the parameters: the comparison can fail
     for bs, ga in [(4, 1), (2, 2), (1, 4)]:
         params, trainer = train_once(name, bs, ga, method, tmp_path, examples)
@@ -178,13 +104,8 @@ def test_shift_labels_used_as_is(tmp_path):
 
     examples = causal_examples(4)
     expected, _ = reference_step(BUILDERS["llama"](0), "llama", examples, "label_smoothing")
-    model = BUILDERS["llama"](0)
-    trainer = SmoothTrainer(
-        model=model, args=training_args(tmp_path, 2, 2, "label_smoothing"), train_dataset=ListDataset(examples),
-        data_collator=ShiftCollator(),
-    )
-    trainer.train()
-    assert max_diff({k: v.detach() for k, v in model.named_parameters()}, expected) < 1e-6
+    params, _ = train_once("llama", 2, 2, "label_smoothing", tmp_path, examples, data_collator=ShiftCollator())
+    assert max_diff(params, expected) < 1e-6
 
 
 def test_seq2seq_builds_decoder_inputs_from_labels(tmp_path):
@@ -197,11 +118,8 @@ def test_all_ignored_micro_batch_gives_zero_loss_with_graph(tmp_path):
     examples = causal_examples(4)
     for example in examples[:2]:
         example["labels"] = [-100] * len(example["labels"])
-    model = BUILDERS["llama"](0)
-    trainer = SmoothTrainer(
-        model=model, args=training_args(tmp_path, 2, 1, "maxsup"), train_dataset=ListDataset(examples),
-        data_collator=PadCollator(),
-    )
+    trainer = smooth_trainer("llama", 2, 1, "maxsup", tmp_path, examples)
+    model = trainer.model
     batch = PadCollator()(examples[:2])
     loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(0))
     assert loss.item() == 0.0 and loss.requires_grad
@@ -209,13 +127,8 @@ def test_all_ignored_micro_batch_gives_zero_loss_with_graph(tmp_path):
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
     # A whole step whose first micro-batch is all-ignored matches the reference on the remaining tokens.
     expected, _ = reference_step(BUILDERS["llama"](0), "llama", examples, "maxsup")
-    model = BUILDERS["llama"](0)
-    trainer = SmoothTrainer(
-        model=model, args=training_args(tmp_path, 1, 4, "maxsup"), train_dataset=ListDataset(examples),
-        data_collator=PadCollator(),
-    )
-    trainer.train()
-    assert max_diff({k: v.detach() for k, v in model.named_parameters()}, expected) < 1e-6
+    params, _ = train_once("llama", 1, 4, "maxsup", tmp_path, examples)
+    assert max_diff(params, expected) < 1e-6
 
 
 def test_linear_schedule_follows_optimizer_steps(tmp_path):
@@ -236,12 +149,9 @@ def test_resume_continues_alpha_and_loss_curve(tmp_path):
     straight, trainer = train_once("llama", 2, 1, "maxsup", tmp_path / "straight", examples, **common)
     curve = [(log["loss"], log["smoothing_alpha"]) for log in trainer.state.log_history if "loss" in log]
 
-    model = BUILDERS["llama"](0)
-    args = training_args(tmp_path / "resumed", 2, 1, "maxsup", **common)
-    first = SmoothTrainer(model=model, args=args, train_dataset=ListDataset(examples), data_collator=PadCollator())
-    first.train()
-    model = BUILDERS["llama"](0)
-    second = SmoothTrainer(model=model, args=args, train_dataset=ListDataset(examples), data_collator=PadCollator())
+    smooth_trainer("llama", 2, 1, "maxsup", tmp_path / "resumed", examples, **common).train()
+    second = smooth_trainer("llama", 2, 1, "maxsup", tmp_path / "resumed", examples, **common)
+    model = second.model
     second.train(resume_from_checkpoint=str(tmp_path / "resumed" / "run_2x1" / "checkpoint-2"))
     resumed = [(log["loss"], log["smoothing_alpha"]) for log in second.state.log_history if "loss" in log]
     assert len(resumed) == 4 and len(curve) == 4
@@ -305,54 +215,15 @@ def test_configuration_errors(tmp_path):
 
 # ---- the fused path (smoothing_fused_loss=True) at trainer level -------------------------------------------------
 
-# Every training-log key hf_smooth adds; the fused path must report the same numbers as the materialized one.
-SMOOTH_LOG_KEYS = ["loss", "nll", "ppl", "smoothing_penalty", "smoothing_alpha", "top1_prob", "token_accuracy",
-                   "logit_gap", "num_tokens_scored"]
 FUSED_CASES = [(name, method) for name in ["llama", "gpt2"] for method in METHODS]
 assert len(FUSED_CASES) == 6
 
 
-def is_fallback_warning(message) -> bool:
-    # fused_trainer: "falls back to materialized logits"; fused (output layer it cannot fold): "falling back to ..."
-    return "falls back" in str(message) or "falling back" in str(message)
-
-
-class LogitLengths:
-    """Sequence length of the logits the model returns: 1 when the fused path runs (logits_to_keep=1: the loss
-    projects the hidden states itself, so no B x T x V logits exist). Hooks the model, not the output layer: a hook
-    on the output layer makes the fused loss fall back (it would bypass the hook)."""
-
-    def __init__(self, model):
-        self.lengths = []
-        base = unwrap_model(model)
-        self.handle = base.register_forward_hook(lambda _m, _args, out: self.lengths.append(out.logits.shape[-2]))
-
-
-def assert_fused_ran(trainer, logit_lengths: LogitLengths, caught) -> None:
-    assert trainer.fused_loss_active, "the fused path never ran"
-    assert logit_lengths.lengths and set(logit_lengths.lengths) == {1}, logit_lengths.lengths
-    fallbacks = [str(w.message) for w in caught if is_fallback_warning(w.message)]
-    assert not fallbacks, fallbacks
-
-
 def train_fused(name, bs, ga, method, tmp_path, examples, model=None, **extra):
-    model = model if model is not None else BUILDERS[name](0)
-    lengths = LogitLengths(model)
-    trainer = SmoothTrainer(
-        model=model, args=training_args(tmp_path, bs, ga, method, smoothing_fused_loss=True, **extra),
-        train_dataset=ListDataset(examples), data_collator=PadCollator(),
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.train()
-    lengths.handle.remove()
-    assert_fused_ran(trainer, lengths, caught)
-    return {k: v.detach().clone() for k, v in model.named_parameters()}, trainer
-
-
-def smooth_log(trainer) -> dict:
-    (log,) = [entry for entry in trainer.state.log_history if "nll" in entry]
-    return log
+    trainer = smooth_trainer(name, bs, ga, method, tmp_path, examples, model=model, smoothing_fused_loss=True, **extra)
+    model = trainer.model
+    train_checking_fused(trainer, model, fused=True)
+    return params_of(model), trainer
 
 
 @pytest.mark.parametrize("name,method", FUSED_CASES)
@@ -360,12 +231,12 @@ def test_fused_accumulation_invariance_matches_oracle_and_unfused(name, method, 
     examples = causal_examples(4)
     expected, expected_loss = reference_step(BUILDERS[name](0), name, examples, method)
     unfused, unfused_trainer = train_once(name, 2, 2, method, tmp_path / "unfused", examples)
-    reference_log = smooth_log(unfused_trainer)
+    reference_log = smooth_log(unfused_trainer.state.log_history)
     for bs, ga in [(4, 1), (2, 2), (1, 4)]:
         params, trainer = train_fused(name, bs, ga, method, tmp_path / "fused", examples)
         assert max_diff(params, expected) < 1e-6, (bs, ga)
         assert max_diff(params, unfused) < 1e-6, (bs, ga)
-        log = smooth_log(trainer)
+        log = smooth_log(trainer.state.log_history)
         assert log["loss"] == pytest.approx(expected_loss, rel=1e-5), (bs, ga)
         for key in SMOOTH_LOG_KEYS:
             assert log[key] == pytest.approx(reference_log[key], rel=1e-5, abs=1e-7), (bs, ga, key)
@@ -399,7 +270,7 @@ def test_fused_falls_back_cleanly_for_encoder_decoder(name, tmp_path):
     assert max_diff(fused, unfused) < 1e-7
     assert max_diff(fused, expected) < 1e-6
     for key in SMOOTH_LOG_KEYS:
-        assert smooth_log(trainer)[key] == pytest.approx(smooth_log(unfused_trainer)[key], rel=1e-6), key
+        assert smooth_log(trainer.state.log_history)[key] == pytest.approx(smooth_log(unfused_trainer.state.log_history)[key], rel=1e-6), key
 
 
 @pytest.mark.parametrize(
@@ -417,13 +288,11 @@ def test_fused_with_lora_matches_reference(targets, checkpointing, tmp_path):
         return peft.get_peft_model(BUILDERS["llama"](0), config)
 
     examples = causal_examples(4)
-    initial = {k: v.detach().clone() for k, v in lora_model().named_parameters()}
+    initial = params_of(lora_model())
     expected, _ = reference_step(lora_model(), "llama", examples, "maxsup")
-    extra = {}
-    if checkpointing:
-        extra = dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
+    extra = checkpointing_args() if checkpointing else {}
     params, trainer = train_fused("llama", 2, 2, "maxsup", tmp_path, examples, model=lora_model(), **extra)
-    assert unwrap_model(trainer.model).is_activation_checkpointing == checkpointing
+    assert is_checkpointing(trainer.model) == checkpointing
     assert max_diff(params, expected) < 1e-6
     changed = {k for k in params if not torch.equal(params[k], initial[k])}
     assert changed and all("lora_" in k for k in changed), sorted(changed)
