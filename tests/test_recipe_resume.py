@@ -18,43 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("MPLBACKEND", "Agg")
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import recipe_data  # noqa: E402
-from test_recipes import RECIPES, ROOT, load_recipe  # noqa: E402
+from recipe_helpers import CPU_2PROC_LAUNCH, RECIPES, ROOT, load_recipe, recipe_env, recipe_error
 
 # Every step logged, so the curves can be compared step by step; no warmup so the learning rate is not ~0.
 STEPS = ["--warmup_steps", "0", "--logging_steps", "1", "--seed", "0", "--dataloader_pin_memory", "false"]
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return recipe_data.english_lines(360)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, corpus):
-    return recipe_data.write_tiny_llama_dir(tmp_path_factory.mktemp("llama") / "model", corpus)
-
-
-@pytest.fixture(scope="module")
-def text_files(tmp_path_factory, corpus):
-    root = tmp_path_factory.mktemp("text")
-    return (recipe_data.write_lines(root / "train.txt", corpus[:300]),
-            recipe_data.write_lines(root / "dev.txt", corpus[300:330]))
-
-
-@pytest.fixture(scope="module")
-def translation_files(tmp_path_factory):
-    return recipe_data.write_translation_files(tmp_path_factory.mktemp("pairs"), train=160, validation=21)
 
 
 def clm_argv(llama_dir, text_files, out: Path, max_steps: int) -> list[str]:
@@ -237,22 +206,6 @@ def test_failed_evaluation_leaves_the_trained_model(llama_dir, text_files, tmp_p
 # ---- an existing --output_dir ---------------------------------------------------------------------------------------
 
 
-def recipe_error(recipe, argv, capsys) -> str:
-    from test_recipes import recipe_error as check
-
-    return check(recipe, argv, capsys)
-
-
-@pytest.fixture
-def no_training(monkeypatch):
-    from transformers import Trainer
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("training started although the run had to be refused")
-
-    monkeypatch.setattr(Trainer, "train", refuse)
-
-
 def test_non_empty_output_dir_is_refused(llama_dir, text_files, tmp_path, capsys, no_training):
     clm = load_recipe("clm")
     out = tmp_path / "out"
@@ -351,11 +304,6 @@ def check_hf_outputs(out: Path) -> None:
 # ---- real processes, interrupted from outside (slow) ----------------------------------------------------------------
 
 
-def recipe_env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
-
-
 def wait_for_first_log(out: Path, process: subprocess.Popen, timeout: float = 400) -> None:
     """Poll --output_dir until log_history.json holds a training log (it is replaced atomically, never half written)."""
     deadline = time.time() + timeout
@@ -418,9 +366,7 @@ def test_ctrl_c_under_accelerate_launch_two_cpu_processes(llama_dir, text_files,
     steps = 6
     reference, out = tmp_path / "reference", tmp_path / "out"
     env = recipe_env()
-    env.pop("ACCELERATE_USE_CPU", None)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "recipes" / "configs" / "cpu_2proc.yaml")]
+    launch = CPU_2PROC_LAUNCH
     script = str(RECIPES / "clm.py")
     result = subprocess.run([*launch, script, *clm_argv(llama_dir, text_files, reference, steps)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)

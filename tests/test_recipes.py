@@ -8,51 +8,19 @@ and the references read from the data file.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("MPLBACKEND", "Agg")
-
 import pytest
+import recipe_data
 import torch
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import recipe_data  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes"
-CONFIGS = RECIPES / "configs"
-
-
-def load_recipe(name: str):
-    """Import recipes/<name>.py under a private module name (recipes/ is not a package)."""
-    module_name = f"_recipe_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
+from recipe_helpers import CONFIGS, CPU_2PROC_LAUNCH, RECIPES, ROOT, installed, load_recipe, recipe_env, recipe_error
 
 
 # Small and fast: 3 optimizer steps, no warmup (so the learning rate is not ~0), a log every 2 steps (the last step
@@ -98,39 +66,6 @@ def check_diagnostics(output_dir: Path, metrics: dict) -> None:
     assert saved.compute()["ece"] == pytest.approx(metrics["eval_ece"], abs=1e-12)
     for name in ("eval_reliability.png", "eval_logit_gap.png"):
         assert (output_dir / name).stat().st_size > 5_000, name
-
-
-# ---- fixtures: tiny models and data ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return recipe_data.english_lines(360)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, corpus):
-    return recipe_data.write_tiny_llama_dir(tmp_path_factory.mktemp("llama") / "model", corpus)
-
-
-@pytest.fixture(scope="module")
-def text_files(tmp_path_factory, corpus):
-    root = tmp_path_factory.mktemp("text")
-    train = recipe_data.write_lines(root / "train.txt", corpus[:300])
-    return train, recipe_data.write_lines(root / "dev.txt", corpus[300:330])
-
-
-@pytest.fixture(scope="module")
-def instruction_files(tmp_path_factory, corpus):
-    root = tmp_path_factory.mktemp("instructions")
-    train = recipe_data.write_jsonl(root / "train.jsonl", recipe_data.instruction_rows(corpus[:120]))
-    dev = recipe_data.write_jsonl(root / "dev.jsonl", recipe_data.instruction_rows(corpus[330:342]))
-    return train, dev
-
-
-@pytest.fixture(scope="module")
-def translation_files(tmp_path_factory):
-    return recipe_data.write_translation_files(tmp_path_factory.mktemp("pairs"), train=160, validation=21)
 
 
 # ---- float64 oracles -------------------------------------------------------------------------------------------------
@@ -463,17 +398,6 @@ def test_accelerate_configs_load(path):
             assert "#" in line, f"{path.name}: no comment on {line!r}"
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    """Fail loudly if a run reaches Trainer.train: the checks under test must stop it before."""
-    from transformers import Trainer
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("training started although the arguments were invalid")
-
-    monkeypatch.setattr(Trainer, "train", refuse)
-
-
 def clm_bad_cases(llama, train, dev, tmp):
     base = ["--model_name_or_path", llama, "--train_file", train, "--validation_file", dev]
     bad_yaml = tmp / "bad.yaml"
@@ -568,19 +492,6 @@ CLM_BAD = ["missing model dir", "missing data file", "missing column", "half ins
            "model dir without files", "model dir without weights", "model dir without tokenizer"]
 
 
-def recipe_error(recipe, argv: list[str], capsys) -> str:
-    """Run a recipe that must refuse its input: exit status 2 and exactly one line `error: ...` on stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as raised:
-        recipe.main(argv)
-    err = capsys.readouterr().err
-    assert raised.value.code == 2, (raised.value.code, err[-2000:])
-    assert "usage:" not in err, err[-2000:]
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err[-2000:]
-    return lines[0]
-
-
 @pytest.mark.parametrize("case", CLM_BAD)
 def test_clm_bad_arguments_stop_before_training(case, llama_dir, text_files, tmp_path, no_training, capsys):
     clm = load_recipe("clm")
@@ -654,9 +565,9 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     """As a user sees it: a real process, exit status 2, the last stderr line is the message, no traceback."""
     typed = tmp_path / "run.yaml"
     typed.write_text("max_steps: two\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(RECIPES / "translation.py"), str(typed), "--output_dir",
-                             str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                             str(tmp_path / "out")], cwd=ROOT, env=recipe_env(), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: {typed}:1: max_steps: 'two' is not an integer."
@@ -782,11 +693,8 @@ def test_command_checker_catches_a_wrong_flag():
 
 
 def launch_two_cpu_processes(script: str, arguments: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ACCELERATE_USE_CPU", None)  # the recipe must find out by itself that there is no GPU
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
-               str(RECIPES / script), *arguments]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    command = [*CPU_2PROC_LAUNCH, str(RECIPES / script), *arguments]
+    result = subprocess.run(command, cwd=ROOT, env=recipe_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -838,12 +746,12 @@ def test_translation_two_cpu_processes(translation_files, tmp_path):
 def test_clm_embedded_default_smollm2(tmp_path):
     """The embedded default (SmolLM2-135M-Instruct + LoRA + MaxSup on Shakespeare) for 2 steps, as a user runs it."""
     out = tmp_path / "out"
-    # One thread: on a shared CPU, two spinning threads per process slow a step many times over (recipes/README.md).
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # One thread (recipe_env): on a shared CPU, two spinning threads per process slow a step many times over
+    # (recipes/README.md).
     result = subprocess.run(
         [sys.executable, str(RECIPES / "clm.py"), "--max_steps", "2", "--max_eval_samples", "8",
          "--embedded_max_chars", "60000", "--output_dir", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
+        cwd=ROOT, env=recipe_env(), capture_output=True, text=True, timeout=540,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     metrics = check_metrics_file(out)
