@@ -40,12 +40,7 @@ def load_compare():
     return module
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+pytestmark = pytest.mark.usefixtures("offline_env")
 
 
 # ---- hf_smooth.demo.report on hand-written runs ------------------------------------------------------------------------

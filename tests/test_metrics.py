@@ -17,13 +17,7 @@ KEYS = ("nll", "ppl", "accuracy", "confidence", "ece", "ece_adaptive", "brier", 
         "small_logit_frac")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors on 2 shared cores: intra-op threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_batch(shape, num_classes, *, seed, scale=2.0, ignore_share=0.3, ignore_index=-100, dtype=torch.float64,

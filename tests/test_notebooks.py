@@ -50,13 +50,7 @@ def gettext_pairs_available() -> bool:
         return False
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    # The kernel inherits this environment.
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+pytestmark = pytest.mark.usefixtures("offline_env")  # the kernel inherits this environment
 
 
 def execute(path: Path, workdir: Path):

@@ -12,12 +12,7 @@ from hf_smooth.metrics import TokenMetrics
 from hf_smooth.plots import _coarsen, plot_logit_gaps, plot_reliability, save_diagnostic_plots
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_metrics(factor: float, seed: int = 0) -> TokenMetrics:
