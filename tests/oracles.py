@@ -68,13 +68,8 @@ def maxsup_cross_entropy(
 
 
 def smoothed_rows(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    epsilon: float = 0.0,
-    alpha: float = 0.0,
-    convention: str = "uniform",
-    ignore_index: int = -100,
+    logits: torch.Tensor, labels: torch.Tensor, *, epsilon: float = 0.0, alpha: float = 0.0,
+    convention: str = "uniform", ignore_index: int = -100,
 ) -> torch.Tensor:
     """Per-token loss for either knob or both: soft-target CE plus the MaxSup penalty."""
     if alpha == 0.0:
@@ -123,17 +118,10 @@ def reduce_rows(
     return total / count
 
 
-def drop_masked_vocabulary(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    epsilon: float = 0.0,
-    alpha: float = 0.0,
-    convention: str = "uniform",
-    ignore_index: int = -100,
-) -> torch.Tensor:
+def drop_masked_vocabulary(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, **knobs):
     """Per-token loss (float64) where ``-inf`` logits mark absent vocabulary entries: each scored row is scored as
-    if its ``-inf`` columns did not exist (``K`` = its finite entries, the label index remapped), one row at a time.
+    if its ``-inf`` columns did not exist (``K`` = its finite entries, the label index remapped), one row at a time,
+    by ``smoothed_rows`` with ``knobs`` (``epsilon``, ``alpha``, ``convention``).
     """
     z, y, valid = _flat(logits, labels, ignore_index)
     rows = []
@@ -142,8 +130,6 @@ def drop_masked_vocabulary(
         sub = z[i][keep].unsqueeze(0)
         new_label = int(keep[: int(y[i])].sum())  # position of the label among the kept columns
         assert bool(keep[int(y[i])]), "the label itself must be a finite entry"
-        rows.append(
-            smoothed_rows(sub, torch.tensor([new_label]), epsilon=epsilon, alpha=alpha, convention=convention)[0]
-        )
+        rows.append(smoothed_rows(sub, torch.tensor([new_label]), **knobs)[0])
     values = torch.stack(rows) if rows else torch.zeros(0, dtype=torch.float64)
     return _scatter_rows(values, valid, labels.shape)

@@ -219,12 +219,17 @@ def check_pairs(pairs, target_pattern):
     assert sum(bool(target_pattern.search(t)) for _, t in pairs) > 0.3 * len(pairs)
 
 
+def checked_pairs_de(pairs_de, source: str, more_than: int) -> dict:
+    """The EN->DE pairs of one source, checked: more than `more_than`, each a clean English/German pair."""
+    pairs = pairs_de[source]
+    assert len(pairs) > more_than
+    check_pairs(pairs, GERMAN)
+    return dict(pairs)
+
+
 @needs_plone
 def test_plone_pairs_en_de(pairs_de):
-    plone = pairs_de["plone"]
-    assert len(plone) > 2500
-    check_pairs(plone, GERMAN)
-    found = dict(plone)
+    found = checked_pairs_de(pairs_de, "plone", 2500)
     # An id-style msgid ("7days_events") read through its Default comment, and plain ones.
     assert found["Events in next 7 days."] == "Termine in den nächsten 7 Tagen"
     assert found["Select all"] == "Alle auswählen"
@@ -233,10 +238,7 @@ def test_plone_pairs_en_de(pairs_de):
 
 @needs_django
 def test_django_pairs_en_de(pairs_de):
-    django = pairs_de["django"]
-    assert len(django) > 500
-    check_pairs(django, GERMAN)
-    found = dict(django)
+    found = checked_pairs_de(pairs_de, "django", 500)
     assert found["Yes"] == "Ja"
     assert not any(source.startswith("%(num)d") for source in found)  # plural entries are skipped
 

@@ -156,19 +156,25 @@ def test_moe_aux_term_does_not_grow_with_accumulation(fused, tmp_path):
 # ---- logged numbers ----------------------------------------------------------------------------------------------
 
 
-def float64_objective(model, examples, alpha=0.1) -> float:
-    """Token-weighted MaxSup objective of `examples` under `model`, float64, from F.cross_entropy."""
+def float64_scored_logits(model, examples):
+    """Each example alone (no padding) through a float64 copy of `model`: (logits, labels) of its scored positions,
+    after the causal shift."""
     model = copy.deepcopy(model).double()
-    total, count = 0.0, 0
     for example in examples:
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
         y = torch.tensor(example["labels"][1:])
         keep = y != -100
-        z = logits[keep]
-        per = F.cross_entropy(z, y[keep], reduction="none") + alpha * (z.max(-1).values - z.mean(-1))
+        yield logits[keep], y[keep]
+
+
+def float64_objective(model, examples, alpha=0.1) -> float:
+    """Token-weighted MaxSup objective of `examples` under `model`, float64, from F.cross_entropy."""
+    total, count = 0.0, 0
+    for z, y in float64_scored_logits(model, examples):
+        per = F.cross_entropy(z, y, reduction="none") + alpha * (z.max(-1).values - z.mean(-1))
         total += per.sum().item()
-        count += int(keep.sum())
+        count += len(y)
     return total / count
 
 
@@ -254,15 +260,10 @@ def test_smoothed_loss_reports_token_weighted_eval_metrics(tmp_path):
     )
     metrics = trainer.evaluate()
     objective = float64_objective(model, examples)
-    reference = copy.deepcopy(model).double()
     nll_total, count = 0.0, 0
-    for example in examples:
-        with torch.no_grad():
-            logits = reference(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
-        y = torch.tensor(example["labels"][1:])
-        keep = y != -100
-        nll_total += F.cross_entropy(logits[keep], y[keep], reduction="sum").item()
-        count += int(keep.sum())
+    for z, y in float64_scored_logits(model, examples):
+        nll_total += F.cross_entropy(z, y, reduction="sum").item()
+        count += len(y)
     assert metrics["eval_loss"] == pytest.approx(objective, rel=1e-5)
     assert metrics["eval_nll"] == pytest.approx(nll_total / count, rel=1e-5)
     assert metrics["eval_ppl"] == pytest.approx(math.exp(nll_total / count), rel=1e-5)
