@@ -253,3 +253,98 @@ def test_installed_distribution_is_read_through_its_record_and_not_again_from_a_
     assert results[0].pairs == EXPECTED
     with pytest.raises(ImportError, match="pip install --no-deps"):
         catalogs.catalog_pairs("de", packages=["no-such-catalog-package"], strict=True)
+
+
+# ---- the translation recipe's outputs (issue 15.5) and its new default -----------------------------------------------
+
+SOURCES = ["Open the door", "Close", "Turn the light on in the kitchen now", "Save", "Delete all files in this folder",
+           "Start", "Stop the music", "Add a new user to the group", "Help", "Settings"]
+
+
+def _write_pairs(path, pairs):
+    write_translation_jsonl(pairs, path, target_lang="de")
+    return path
+
+
+def test_generated_lengths_stop_at_the_first_end_of_sequence():
+    import numpy as np
+    from translation import generated_lengths
+
+    # decoder start 0 (= pad, as Marian), eos 1; rows padded with eos (beam search) or pad or -100 (gathered batches)
+    predictions = np.array([[0, 5, 6, 1, 1, 1], [0, 7, 1, 0, 0, 0], [0, 5, 5, 5, 5, 5],
+                            [0, 1, -100, -100, -100, -100]])
+    assert generated_lengths(predictions, pad=0, eos=1, start=0).tolist() == [3, 2, 5, 1]  # counted by hand
+
+
+def test_translation_predictions_follow_the_data_order_with_source(tmp_path):
+    """Length-grouped evaluation batches, yet eval_predictions.jsonl lists the evaluation file's pairs in order, with
+    their source, and BLEU/chrF/gen_len are those of the rows (the oracle regenerates with the saved model)."""
+    import numpy as np
+    import sacrebleu
+    import torch
+    import translation
+    from transformers import AutoTokenizer, MarianMTModel
+
+    train = [(s, f"Ziel {i}: {s}") for i, s in enumerate(SOURCES * 3)]
+    dev = [(s, f"Übersetzung von {s}") for s in SOURCES]
+    out = tmp_path / "out"
+    translation.main([
+        "--train_file", str(_write_pairs(tmp_path / "train.jsonl", train)),
+        "--validation_file", str(_write_pairs(tmp_path / "dev.jsonl", dev)),
+        "--embedded_d_model", "32", "--embedded_layers", "1", "--embedded_vocab_size", "300",
+        "--generation_num_beams", "2", "--generation_max_length", "12", "--max_steps", "2", "--warmup_steps", "0",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "3", "--learning_rate", "3e-3",
+        "--dataloader_pin_memory", "false", "--output_dir", str(out),
+    ])
+    rows = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["source"], r["reference"]) for r in rows] == dev
+    metrics = json.loads((out / "metrics.json").read_text())
+    hypotheses = [r["hypothesis"] for r in rows]
+    references = [target for _, target in dev]
+    assert metrics["eval_bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score, abs=1e-9)
+    assert metrics["eval_chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, [references]).score, abs=1e-9)
+
+    tokenizer, model = AutoTokenizer.from_pretrained(out), MarianMTModel.from_pretrained(out).eval()
+    lengths = []
+    for (source, _), written in zip(dev, hypotheses):
+        with torch.no_grad():
+            ids = model.generate(**tokenizer([source], return_tensors="pt"), num_beams=2, max_length=12)[0].tolist()
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == written  # the row is this source's output
+        count = 0
+        for token in ids[1:]:  # after the decoder start token, up to and including the first eos
+            count += 1
+            if token == tokenizer.eos_token_id:
+                break
+        lengths.append(count)
+    assert metrics["eval_gen_len"] == pytest.approx(float(np.mean(lengths)))
+
+
+def _catalog_packages_installed() -> bool:
+    import importlib.metadata
+
+    try:
+        for name in catalogs.CATALOG_PACKAGES:
+            importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _catalog_packages_installed(), reason=catalogs.install_command())
+def test_new_default_data_two_step_smoke(tmp_path):
+    """The recipe's default data (the catalog packages' test split) with a tiny model for 2 steps."""
+    import translation
+
+    out = tmp_path / "out"
+    translation.main([
+        "--max_train_samples", "64", "--max_eval_samples", "8", "--embedded_d_model", "32", "--embedded_layers", "1",
+        "--embedded_vocab_size", "400", "--generation_num_beams", "1", "--generation_max_length", "8",
+        "--max_steps", "2", "--warmup_steps", "0", "--per_device_train_batch_size", "8",
+        "--dataloader_pin_memory", "false", "--output_dir", str(out),
+    ])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "translation catalogs of 8 packages" in metrics["data"] and metrics["global_step"] == 2
+    assert metrics["train_examples"] == 64 and metrics["eval_examples"] == 8
+    rows = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    test = split_by_source(merge_pairs(catalogs.catalog_pairs("de")), test_pairs=1000, dev_pairs=1000, seed=0)["test"]
+    assert [(r["source"], r["reference"]) for r in rows] == test[:8]

@@ -320,16 +320,17 @@ def test_translation_t5_dir_prefix_and_lora(translation_files, tmp_path):
 def test_translation_embedded_gettext_pairs(tmp_path):
     """The embedded data (gettext catalogs): a held-out split that does not depend on --seed."""
     translation = load_recipe("translation")
-    args = translation.DataArguments()
+    # embedded_catalogs: the default reads the catalog packages when they are installed
+    args = translation.DataArguments(embedded_catalogs=["plone"])
     train_a, eval_a, source = translation.load_pairs(args)
-    train_b, eval_b, _ = translation.load_pairs(translation.DataArguments())
+    train_b, eval_b, _ = translation.load_pairs(translation.DataArguments(embedded_catalogs=["plone"]))
     assert "gettext" in source and eval_a == eval_b and len(train_a) > 2000
     assert not {s for s, _ in train_a} & {s for s, _ in eval_a}  # no source string on both sides
     out = tmp_path / "out"
     translation.main([
         "--max_train_samples", "128", "--max_eval_samples", "16", "--embedded_d_model", "32", "--embedded_layers", "1",
         "--embedded_vocab_size", "400", "--generation_num_beams", "1", "--generation_max_length", "16",
-        "--output_dir", str(out), *TINY_TRAINING,
+        "--embedded_catalogs", "plone", "--output_dir", str(out), *TINY_TRAINING,
     ])
     metrics = check_metrics_file(out, extra_keys=["eval_bleu", "eval_chrf"])
     assert metrics["eval_examples"] == 16 and metrics["train_examples"] == 128
