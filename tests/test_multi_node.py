@@ -374,15 +374,18 @@ def test_clm_on_two_nodes_equals_one_process(tiny_clm, tmp_path):
         "--logging_steps", "2", "--seed", "0", "--train_sampling_strategy", "sequential",
         "--dataloader_pin_memory", "false",
     ]
-    # Sequential order: rank r's k-th micro-batch holds examples (2k + r) * batch ... + batch - 1; the tokens each
-    # rank scores (after the shift) differ in every micro-batch, so a per-rank normalization would show.
+    # Sequential order: micro-batch k of rank r holds examples (2k + r) * batch to (2k + r + 1) * batch - 1. The tokens
+    # each rank scores (bos + text + eos, cut to the block, minus the shift) differ over every accumulation window,
+    # so a per-rank or per-micro-batch normalization would show.
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     lengths = [min(len(tokenizer(line)["input_ids"]) + 1, block) - 1 for line in train_file.read_text().splitlines()]
-    for k in range(steps * accumulation):
-        rank_tokens = [sum(lengths[(2 * k + r) * batch:(2 * k + r + 1) * batch]) for r in (0, 1)]
-        assert rank_tokens[0] != rank_tokens[1], (k, rank_tokens)
+    per_rank = [[sum(lengths[(2 * k + r) * batch:(2 * k + r + 1) * batch]) for r in (0, 1)]
+                for k in range(steps * accumulation)]
+    for step in range(steps):
+        window = per_rank[step * accumulation:(step + 1) * accumulation]
+        assert sum(w[0] for w in window) != sum(w[1] for w in window), (step, per_rank)
 
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     started = time.monotonic()
