@@ -192,6 +192,9 @@ class TranslationTrainingArguments(OutputDirArguments, SmoothSeq2SeqTrainingArgu
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} {value}: give a number >= 1 (or leave it unset for the model's default).")
+        if self.predict_with_generate and "inputs" not in (self.include_for_metrics or []):
+            raise ValueError(f"--include_for_metrics {' '.join(self.include_for_metrics or []) or '(empty)'}: keep "
+                             "'inputs' in it; the predictions are put back in dataset order through their inputs.")
 
 
 # What the command line (and a leading .yaml/.json file) is parsed into, in this order.

@@ -348,3 +348,10 @@ def test_new_default_data_two_step_smoke(tmp_path):
     rows = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     test = split_by_source(merge_pairs(catalogs.catalog_pairs("de")), test_pairs=1000, dev_pairs=1000, seed=0)["test"]
     assert [(r["source"], r["reference"]) for r in rows] == test[:8]
+
+
+def test_translation_refuses_include_for_metrics_without_inputs(tmp_path):
+    import translation
+
+    with pytest.raises(ValueError, match="--include_for_metrics loss: keep 'inputs'"):
+        translation.TranslationTrainingArguments(output_dir=str(tmp_path), include_for_metrics=["loss"])
