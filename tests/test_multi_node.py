@@ -110,11 +110,9 @@ with open(os.path.join(record, "srun.json"), "w") as f:
 options = [a for a in argv[: next(i for i, a in enumerate(argv) if not a.startswith("-"))]]
 task = argv[len(options):]
 nodes = int(os.environ["SLURM_JOB_NUM_NODES"])
-codes = []
-for node in range(nodes):
-    env = dict(os.environ, SLURM_NODEID=str(node), SLURM_PROCID=str(node), SLURM_LOCALID="0")
-    codes.append(subprocess.call(task, env=env))
-sys.exit(max(codes))
+tasks = [subprocess.Popen(task, env=dict(os.environ, SLURM_NODEID=str(node), SLURM_PROCID=str(node), SLURM_LOCALID="0"))
+         for node in range(nodes)]  # all at once, as on N machines: the nodes of a launch wait for each other
+sys.exit(max(t.wait() for t in tasks))
 '''
 
 FAKE_SCONTROL = r'''#!{python}
@@ -139,17 +137,20 @@ print(f"fake accelerate on node {{node}}")
 @pytest.fixture
 def fake_slurm(tmp_path):
     """A bin/ folder with the fakes first on PATH, the record folder, and a SLURM job environment for 2 nodes."""
-    bin_dir, record = tmp_path / "bin", tmp_path / "record"
-    bin_dir.mkdir()
-    record.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE)):
-        path = bin_dir / name
+    bin_dir, accelerate_dir, record = tmp_path / "bin", tmp_path / "fake_accelerate", tmp_path / "record"
+    for folder in (bin_dir, accelerate_dir, record):
+        folder.mkdir()
+    fakes = ((bin_dir, "srun", FAKE_SRUN), (bin_dir, "scontrol", FAKE_SCONTROL),
+             (accelerate_dir, "accelerate", FAKE_ACCELERATE))
+    for folder, name, text in fakes:
+        path = folder / name
         path.write_text(text.format(python=sys.executable))
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "GPUS_PER_NODE",
                                                                                  "MAIN_", "LOG_DIR"))}
     env.pop("ACCELERATE_CONFIG", None)
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE_RECORD=str(record), SLURM_JOB_ID="123456",
+    env.update(PATH=os.pathsep.join([str(bin_dir), str(accelerate_dir), env["PATH"]]), FAKE_RECORD=str(record),
+               SLURM_JOB_ID="123456",
                SLURM_JOB_NODELIST="gpu-[07-08]", SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2",
                SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=str(ROOT), LOG_DIR=str(tmp_path / "logs"))
     return env, record, tmp_path
@@ -446,3 +447,67 @@ def test_translation_on_two_nodes_equals_one_process(tiny_translation, tmp_path)
     assert [json.loads(row)["reference"] for row in predictions] == [target for _, target in dev_pairs]
     assert predictions == (tmp_path / "single" / "eval_predictions.jsonl").read_text().splitlines()
     check_only_node_zero_wrote(logs, node0, node1)
+
+
+@pytest.mark.slow
+def test_sbatch_runs_two_real_nodes_and_a_resubmission_resumes(tiny_clm, fake_slurm):
+    """launch.sbatch with the real accelerate (fake srun starting both node tasks at once on this host, a CPU
+    accelerate config): job 1 trains 3 steps with a checkpoint at step 2. Job 2 is given a folder holding only what a
+    job killed during step 3's save would leave (checkpoint-2, and checkpoint-3 without trainer_state.json): it
+    resumes from checkpoint-2 on both nodes and ends with job 1's weights."""
+    from safetensors.torch import load_file
+
+    env, record, tmp = fake_slurm
+    model, train_file, dev_file = tiny_clm
+    # The real accelerate (this venv) instead of the fake one; the recipes find out by themselves there is no GPU.
+    real = {**node_env(tmp / "hf_home"), "PATH": os.pathsep.join(
+        [str(tmp / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]])}
+    real.update({key: value for key, value in env.items() if key.startswith("SLURM_") or key == "FAKE_RECORD"})
+    config = tmp / "cpu_multi_node.yaml"
+    raw = yaml.safe_load((CONFIGS / "multi_node.yaml").read_text())
+    config.write_text(yaml.safe_dump({**raw, "mixed_precision": "no"}))  # fp32 on CPU; the rest as shipped
+    real.update(ACCELERATE_CONFIG=str(config), GPUS_PER_NODE="1", MAIN_ADDR="127.0.0.1")
+    arguments = [
+        "clm", "--model_name_or_path", str(model), "--train_file", str(train_file), "--validation_file", str(dev_file),
+        "--packing", "false", "--block_size", "32", "--use_lora", "false", "--max_steps", "3", "--warmup_steps", "0",
+        "--learning_rate", "1e-3", "--logging_steps", "1", "--per_device_train_batch_size", "2", "--seed", "0",
+        "--save_strategy", "steps", "--save_steps", "2", "--dataloader_pin_memory", "false",
+    ]
+
+    def job(number: int, out: Path) -> subprocess.CompletedProcess:
+        job_env = dict(real, SLURM_JOB_ID=str(1000 + number), MAIN_PORT=str(free_port()),
+                       LOG_DIR=str(tmp / f"logs{number}"))
+        return subprocess.run(["bash", str(SBATCH), *arguments, "--output_dir", str(out)], cwd=tmp, env=job_env,
+                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+
+    def node_logs(number: int) -> str:
+        logs = tmp / f"logs{number}"
+        return "".join(f"--- node {n}\n" + (logs / f"node-{n}.log").read_text()[-4000:] for n in (0, 1))
+
+    first, second = tmp / "first", tmp / "second"
+    started = time.monotonic()
+    result = job(1, first)
+    assert result.returncode == 0, result.stdout + result.stderr + node_logs(1)
+    assert "resuming" not in result.stdout
+    assert json.loads((first / "metrics.json").read_text())["world_size"] == 2
+    assert (first / "checkpoint-2" / "trainer_state.json").is_file()
+    (second / "checkpoint-3").mkdir(parents=True)
+    for item in (first / "checkpoint-2").iterdir():
+        (second / "checkpoint-2").mkdir(exist_ok=True)
+        (second / "checkpoint-2" / item.name).write_bytes(item.read_bytes())
+    (second / "checkpoint-3" / "rng_state_0.pth").write_bytes((first / "checkpoint-2" / "rng_state_0.pth").read_bytes())
+    result = job(2, second)
+    print(f"sbatch: two jobs of two real nodes {time.monotonic() - started:.0f} s")
+    assert result.returncode == 0, result.stdout + result.stderr + node_logs(2)
+    assert f"resuming from {second}/checkpoint-2" in result.stdout
+    assert f"Resuming from {second}/checkpoint-2" in (tmp / "logs2" / "node-0.log").read_text()
+    assert json.loads((second / "metrics.json").read_text())["global_step"] == 3
+    # Job 2 trained step 3 only: its train_loss (the resumed part, transformers' convention) is job 1's step-3 loss.
+    step3 = next(log["loss"] for log in json.loads((first / "log_history.json").read_text()) if log.get("step") == 3
+                 and "loss" in log)
+    resumed_loss = json.loads((second / "train_results.json").read_text())["train_loss"]
+    assert resumed_loss == pytest.approx(step3, rel=1e-5)
+    assert resumed_loss != pytest.approx(json.loads((first / "train_results.json").read_text())["train_loss"])
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
