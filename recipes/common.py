@@ -669,8 +669,11 @@ def write_log_history(output_dir: str, log_history: list[dict]) -> Path:
 class GracefulInterrupt(TrainerCallback):
     """Ctrl-C (SIGINT) or SIGTERM during training: finish the optimizer step, write a checkpoint, stop.
 
-    The handler only records the signal and restores the previous handler of that signal, so a second Ctrl-C acts
-    as Python's own (KeyboardInterrupt: abort without saving) and a second SIGTERM kills the process. At the end of
+    The handler only records the signal. After a Ctrl-C it restores the previous SIGINT handler, so a second Ctrl-C
+    acts as Python's own (KeyboardInterrupt: abort without saving). Further SIGTERMs are ignored: a scheduler (SLURM at
+    a time limit) signals every process and torchrun forwards the signal again, so a worker commonly gets two at once,
+    and the second must not cancel the checkpoint the first asked for (SIGKILL, or the launcher's own timeout, still
+    ends the process). At the end of
     the step the callback sets `control.should_log` (the log covers every step done), `should_save` (the Trainer
     writes a real checkpoint-<step>: weights or adapter, optimizer, scheduler, RNG states and trainer_state.json,
     which `--resume_from_checkpoint` reads) and `should_training_stop`. Under DDP the ranks agree on the stop
@@ -700,12 +703,15 @@ class GracefulInterrupt(TrainerCallback):
                 signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
-        signal.signal(signum, self._previous[signum])  # the next one of this kind aborts
+        if signum == signal.SIGTERM and self.signum is not None:
+            return  # a repeated SIGTERM (scheduler + launcher): the checkpoint is already on its way
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous[signum])  # the next Ctrl-C aborts
         if self.signum is None:
             self.signum = signum
-        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        abort = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGKILL"
         print(f"\n{signal.Signals(signum).name} received: finishing this optimizer step, then saving a checkpoint "
-              f"(send {again} again to abort without saving).", file=sys.stderr, flush=True)
+              f"({abort} to abort without saving).", file=sys.stderr, flush=True)
 
     def _stop_requested(self, args) -> bool:
         stop = self.signum is not None
