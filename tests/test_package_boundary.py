@@ -113,6 +113,6 @@ def test_no_sys_path_edits_in_recipes_and_tests():
         f"{path.relative_to(ROOT)}"
         for folder in ("recipes", "tests")
         for path in (ROOT / folder).rglob("*.py")
-        if "sys.path.insert" in path.read_text() and path.name != Path(__file__).name
+        if "sys.path." + "insert" in path.read_text()  # spelled so that this file does not match itself
     ]
     assert not offenders, offenders
