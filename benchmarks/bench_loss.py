@@ -51,7 +51,6 @@ EPSILON = ALPHA = 0.1
 
 
 def _loss_fn(name: str, chunk_size):
-    import torch
     import torch.nn.functional as F
 
     if name == "torch_ce":

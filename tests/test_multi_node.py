@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import stat
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import pytest
 import recipe_data
 import torch
 import yaml
+from launch_helpers import free_port, kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -243,12 +243,6 @@ def test_sbatch_refuses_with_a_message(fake_slurm, arguments, unset, message):
 # ---- two accelerate nodes on this host (slow) ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def node_env(hf_home: Path) -> dict:
     """Offline, one thread per process, no user accelerate config, torchrun's rendezvous log on (LOGLEVEL=INFO:
     `group_rank=`, `global_ranks=`), and no ACCELERATE_USE_CPU: the recipes must find out there is no GPU."""
@@ -257,21 +251,6 @@ def node_env(hf_home: Path) -> dict:
            "LOGLEVEL": "INFO"}
     env.pop("ACCELERATE_USE_CPU", None)
     return env
-
-
-def kill_tree(pid: int) -> None:
-    import psutil
-
-    try:
-        launcher = psutil.Process(pid)
-        processes = launcher.children(recursive=True) + [launcher]
-    except psutil.NoSuchProcess:
-        return
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def launch_two_nodes(script: str, arguments: list[str], outputs: list[Path], tmp: Path) -> list[str]:
