@@ -282,20 +282,17 @@ def _read_pairs(
 ) -> PackagePairs:
     result = PackagePairs(package, version, license)
     gettext_files, json_files = _catalog_files(paths, lang)
+    # (path, loader) per catalog: gettext files alone, JSON catalogs joined with their English file by key.
+    loaders = [(path, lambda path=path: pairs_from_gettext(read(path), f"{package}:{path}")) for path in gettext_files]
+    loaders += [
+        (path, lambda english=english, path=path: pairs_from_json(
+            read(english), read(path), english_name=f"{package}:{english}", name=f"{package}:{path}"))
+        for english, path in json_files
+    ]
     raw: list[tuple[str, str]] = []
-    for path in gettext_files:
+    for path, load in loaders:
         try:
-            raw += pairs_from_gettext(read(path), f"{package}:{path}")
-            result.catalogs += 1
-        except CatalogError as error:
-            if strict:
-                raise
-            result.skipped_files.append(path)
-            logger.warning("Skipping a catalog: %s", error)
-    for english, path in json_files:
-        try:
-            raw += pairs_from_json(read(english), read(path), english_name=f"{package}:{english}",
-                                   name=f"{package}:{path}")
+            raw += load()
             result.catalogs += 1
         except CatalogError as error:
             if strict:
