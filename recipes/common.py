@@ -32,6 +32,8 @@ import yaml
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from hf_smooth.losses import perplexity
+
 # ---- how a mistake reaches the user ---------------------------------------------------------------------------------
 
 
@@ -867,7 +869,7 @@ def training_summary(log_history: list[dict]) -> dict:
         for name, value in (("train_objective", objective), ("train_nll", lambda log: log["nll"]),
                             ("train_token_accuracy", lambda log: log["token_accuracy"])):
             summary[name] = sum(value(log) * log["num_tokens_scored"] for log in windows) / tokens
-        summary["train_ppl"] = math.exp(min(summary["train_nll"], 700.0))
+        summary["train_ppl"] = perplexity(summary["train_nll"])
     last = windows[-1]
     summary.update({"train_last_objective": objective(last), "train_last_nll": last["nll"],
                     "train_last_ppl": last["ppl"], "train_last_token_accuracy": last["token_accuracy"]})
