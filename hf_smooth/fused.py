@@ -52,9 +52,9 @@ from .losses import (
     LossComponents,
     RowStats,
     check_inputs,
-    check_label_range,
     check_options,
-    token_denominator,
+    prepare_call,
+    read_call_facts,
     refuse_double_backward,
     chunk_forward,
     chunk_logit_grad,
@@ -241,6 +241,7 @@ class _Plan:
     ignore_index: int
     reduction: str
     num_items_in_batch: object
+    labels: torch.Tensor  # as given, for the error message of an out-of-range label
     rows: int  # chunk size in rows
     block_rows: int  # rows per elementwise block inside a chunk
     needs: tuple[bool, bool, bool]  # grads wanted for (hidden, weight, bias)
@@ -269,21 +270,33 @@ class _FusedLinearSmoothedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, plan: _Plan):
+    def forward(ctx, hidden, weight, bias, labels, weights, plan: _Plan):
         num_rows = hidden.shape[0]
         cdtype = compute_dtype(hidden.dtype)
         device = hidden.device
-        coefs, head = plan.coefs, plan.head
+        head = plan.head
 
         valid = labels != plan.ignore_index
-        positions = valid.nonzero().squeeze(-1)  # scored rows only: ignored ones are never projected
+        if weights is not None:
+            weights = weights.to(cdtype)
+            valid = valid & (weights != 0)  # weight 0 == ignored: never projected
+        # The call's one host read (#12): counts, label/weight checks, the denominator, and whether a -inf logit is
+        # possible at all (a non-finite input; a float16 GEMM can overflow), which decides the -inf handling.
+        facts = read_call_facts(
+            plan.labels, labels, valid, weights, num_classes=weight.shape[0], ignore_index=plan.ignore_index,
+            reduction=plan.reduction, num_items_in_batch=plan.num_items_in_batch,
+            neginf=_may_hold_neginf(hidden, weight, bias, valid, head),
+        )
+        coefs = plan.coefs.on(device, cdtype, neginf=facts.neginf)
+        # Scored rows only: ignored ones are never projected. Sized from the host read, so no second sync.
+        positions = torch.nonzero_static(valid, size=facts.num_valid).squeeze(-1)
         target = labels.index_select(0, positions)
-        num_scored = positions.numel()
-        num_valid = valid.sum()
-        denominator = token_denominator(plan.num_items_in_batch, num_valid) if plan.reduction == "mean" else None
+        row_weights = None if weights is None else weights.index_select(0, positions)
+        num_scored = facts.num_valid
+        denominator = facts.denominator
 
         row_loss = torch.zeros(num_scored, dtype=cdtype, device=device)
-        parts = torch.zeros(5, num_scored, dtype=cdtype, device=device)
+        parts = torch.zeros(7, num_scored, dtype=cdtype, device=device)
         keep_stats = any(plan.needs) and not plan.grad_in_forward
         if keep_stats:
             lse = torch.zeros(num_scored, dtype=cdtype, device=device)
@@ -294,7 +307,7 @@ class _FusedLinearSmoothedLoss(torch.autograd.Function):
         if plan.grad_in_forward:
             grads = _zero_grads(hidden, weight, cdtype, plan.needs)
             # grad_output = 1 here; d loss / d row is 1 / denominator (mean) or 1 (sum), times the logit scale.
-            factor = head.scale / float(denominator) if denominator is not None else head.scale
+            factor = head.scale / denominator if denominator is not None else head.scale
         ws = _Workspace(min(plan.rows, num_scored), plan.block_rows, weight.shape[0], cdtype, hidden.dtype, device)
         for rows in _chunks(num_scored, plan.rows):
             x = hidden.index_select(0, positions[rows])
@@ -303,30 +316,38 @@ class _FusedLinearSmoothedLoss(torch.autograd.Function):
                 zb = z[block]
                 at = slice(rows.start + block.start, rows.start + block.stop)  # the block's scored rows
                 stats, loss_rows, part_rows = ws.forward(zb, target[at], coefs)
+                part_rows = torch.stack(part_rows)
+                if row_weights is not None:
+                    loss_rows, part_rows = loss_rows * row_weights[at], part_rows * row_weights[at]
                 row_loss[at] = loss_rows
-                parts[:, at] = torch.stack(part_rows)
+                parts[:, at] = part_rows
                 if keep_stats:
                     lse[at], argmax[at], k[at], has_neginf[at] = stats.lse, stats.argmax, stats.k, stats.has_neginf
                 if plan.grad_in_forward:
-                    ws.logit_grad_(zb, target[at], stats, coefs, head, torch.full_like(stats.lse, factor))
+                    row_scale = torch.full_like(stats.lse, factor)
+                    if row_weights is not None:
+                        row_scale = row_scale * row_weights[at]
+                    ws.logit_grad_(zb, target[at], stats, coefs, head, row_scale)
             if plan.grad_in_forward:
                 ws.accumulate(z, x, positions[rows], weight, grads, plan.needs)
         del ws
 
-        sums = torch.cat([num_valid.to(cdtype).reshape(1), row_loss.sum().reshape(1), parts.sum(dim=1)])
+        weight_sum = valid.sum().to(cdtype) if row_weights is None else row_weights.sum()
+        sums = torch.cat([valid.sum().to(cdtype).reshape(1), row_loss.sum().reshape(1), parts.sum(dim=1),
+                          weight_sum.reshape(1)])
         if plan.reduction == "none":
             out = torch.zeros(num_rows, dtype=cdtype, device=device).index_copy_(0, positions, row_loss)
         elif plan.reduction == "sum":
             out = row_loss.sum()
         else:
-            out = (row_loss.sum() / denominator).to(cdtype)
+            out = (row_loss.sum(dtype=torch.float64) / denominator).to(cdtype)
 
-        ctx.plan, ctx.denominator = plan, denominator
+        ctx.plan, ctx.denominator, ctx.coefs = plan, denominator, coefs
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if plan.grad_in_forward:
             ctx.save_for_backward(*grads)
         elif keep_stats:
-            ctx.save_for_backward(hidden, weight, bias, positions, target, lse, argmax, k, has_neginf)
+            ctx.save_for_backward(hidden, weight, bias, positions, target, row_weights, lse, argmax, k, has_neginf)
         ctx.mark_non_differentiable(sums)
         return out, sums
 
@@ -348,12 +369,27 @@ class _FusedLinearSmoothedLoss(torch.autograd.Function):
             elif grad is not None and scale is not None:
                 grad = grad * scale
             out.append(grad)
-        return (*out, None, None)
+        return (*out, None, None, None)
+
+
+def _may_hold_neginf(hidden, weight, bias, valid, head: LogitTransform) -> torch.Tensor | bool:
+    """Whether a scored row's logits may hold ``-inf`` (a device bool, read with the call's one host read): only from
+    a non-finite input (a ``-inf`` bias masks a column) or a float16 GEMM overflowing. A soft-cap bounds the logits.
+    A float32/bf16 GEMM of finite inputs overflowing past 3.4e38 is not guarded: its logits are garbage anyway."""
+    if head.cap is not None:
+        return False
+    if hidden.dtype == torch.float16:
+        return True
+    rows = (~torch.isfinite(hidden.amax(dim=-1)) | ~torch.isfinite(hidden.amin(dim=-1))) & valid
+    flags = [rows.any(), ~torch.isfinite(weight.amax()), ~torch.isfinite(weight.amin())]
+    if bias is not None:
+        flags += [~torch.isfinite(bias.amax()), ~torch.isfinite(bias.amin())]
+    return torch.stack(flags).any()
 
 
 def _recompute_grads(ctx, grad_out):
     """The backward of ``reduction="none"`` and float16: project each chunk again, with the real ``grad_output``."""
-    hidden, weight, bias, positions, target, lse, argmax, k, has_neginf = ctx.saved_tensors
+    hidden, weight, bias, positions, target, row_weights, lse, argmax, k, has_neginf = ctx.saved_tensors
     plan = ctx.plan
     cdtype = lse.dtype
     grad_out = grad_out.to(cdtype)
@@ -362,8 +398,10 @@ def _recompute_grads(ctx, grad_out):
     elif plan.reduction == "sum":
         scale = grad_out.expand(positions.shape[0])
     else:
-        scale = (grad_out / ctx.denominator.to(cdtype)).expand(positions.shape[0])
+        scale = (grad_out / ctx.denominator).expand(positions.shape[0])
     scale = scale * plan.head.scale
+    if row_weights is not None:
+        scale = scale * row_weights
 
     grads = _zero_grads(hidden, weight, cdtype, plan.needs)
     num_scored = positions.shape[0]
@@ -374,7 +412,7 @@ def _recompute_grads(ctx, grad_out):
         for block in ws.blocks(z.shape[0]):
             at = slice(rows.start + block.start, rows.start + block.stop)
             stats = RowStats(lse[at], argmax[at], k[at], has_neginf[at])
-            ws.logit_grad_(z[block], target[at], stats, plan.coefs, plan.head, scale[at])
+            ws.logit_grad_(z[block], target[at], stats, ctx.coefs, plan.head, scale[at])
         ws.accumulate(z, x, positions[rows], weight, grads, plan.needs)
     return grads
 
@@ -439,6 +477,10 @@ def fused_linear_smoothed_loss(
     logit_scale: float | None = None,
     final_logit_softcapping: float | None = None,
     return_components: bool = False,
+    z_loss: float = 0.0,
+    weights: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    exclude_ids=None,
 ):
     """`smoothed_cross_entropy` of ``softcap(logit_scale * (hidden @ weight.T + bias))``, without the logits.
 
@@ -483,12 +525,16 @@ def fused_linear_smoothed_loss(
             `cap * tanh(logits / cap)` after the scale (Gemma 2's `final_logit_softcapping`).
         return_components (`bool`, *optional*, defaults to `False`):
             Also return a [`LossComponents`] of detached sums for logging (NLL, regularizer, accuracy, ...).
+        z_loss (`float`, *optional*, defaults to 0.0), weights (`torch.Tensor`, *optional*), num_classes (`int`,
+        *optional*), exclude_ids (sequence of `int`, *optional*):
+            z-loss, per-token loss weights and the smoothing classes, as in [`smoothed_cross_entropy`]. Zero-weight
+            tokens are not projected, like ignored ones.
 
     Returns:
         `torch.Tensor` (float32, or float64 for float64 inputs), or `(loss, LossComponents)`.
     """
     epsilon, alpha = _resolve_knobs(method, epsilon, alpha)
-    check_options(epsilon=epsilon, alpha=alpha, convention=convention, reduction=reduction)
+    check_options(epsilon=epsilon, alpha=alpha, convention=convention, reduction=reduction, z_loss=z_loss)
     check_inputs(hidden, labels, ignore_index, name="hidden", last="hidden_size")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type) and torch.is_tensor(weight):
@@ -498,14 +544,13 @@ def fused_linear_smoothed_loss(
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if torch.is_tensor(bias) else bias
     _check_linear(hidden, weight, bias)
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
     vocab_size, hidden_size = weight.shape
-    if convention == "fairseq" and epsilon > 0 and vocab_size < 2:
-        raise ValueError("The fairseq convention spreads eps over K - 1 classes and needs K >= 2.")
+    coefs, flat_labels, flat_weights = prepare_call(
+        hidden, labels, epsilon=epsilon, alpha=alpha, convention=convention, ignore_index=ignore_index,
+        reduction=reduction, z_loss=z_loss, weights=weights, num_classes=num_classes, exclude_ids=exclude_ids,
+        chunk_size=chunk_size, name="hidden", last="hidden_size", vocab_size=vocab_size,
+    )
     head = LogitTransform.from_knobs(logit_scale, final_logit_softcapping)
-    flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
-    check_label_range(labels, vocab_size, ignore_index)  # the labels as given: it names a narrow dtype
 
     flat_hidden = hidden.reshape(-1, hidden_size)
     num_rows = flat_hidden.shape[0]
@@ -513,18 +558,19 @@ def fused_linear_smoothed_loss(
     needs = tuple(bool(grad_enabled and t is not None and t.requires_grad) for t in (hidden, weight, bias))
     rows = int(chunk_size) if chunk_size else default_chunk_size(num_rows, hidden_size, vocab_size, hidden.device)
     plan = _Plan(
-        coefs=Coefficients(epsilon=float(epsilon), alpha=float(alpha), fairseq=convention == "fairseq"),
+        coefs=coefs,
         head=head,
         ignore_index=ignore_index,
         reduction=reduction,
         num_items_in_batch=num_items_in_batch,
+        labels=labels,
         rows=rows,
         block_rows=_block_rows(rows, vocab_size, hidden.device),
         needs=needs,
         grad_in_forward=any(needs) and reduction != "none" and hidden.dtype != torch.float16,
     )
     with torch.autocast(device_type, enabled=False):
-        out, sums = _FusedLinearSmoothedLoss.apply(flat_hidden, weight, bias, flat_labels, plan)
+        out, sums = _FusedLinearSmoothedLoss.apply(flat_hidden, weight, bias, flat_labels, flat_weights, plan)
     if reduction == "none":
         out = out.reshape(labels.shape)
     if return_components:
@@ -545,9 +591,26 @@ def _plain_linear_reason(module: nn.Module, what: str) -> str | None:
         # Quantized layers (bitsandbytes Linear4bit, ...) subclass nn.Linear with their own forward; accelerate's
         # offloading hooks replace forward on the instance.
         return f"{what} ({type(module).__name__}) overrides nn.Linear.forward"
-    if module._forward_hooks or module._forward_pre_hooks:
+    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    if any(not _is_sharding_hook(hook) for hook in hooks):
         return f"{what} has forward hooks that the fused loss would bypass"
+    if any(type(p).__name__ == "DTensor" for p in (module.weight, module.bias) if p is not None):
+        return (
+            f"{what}'s parameters are sharded DTensors (FSDP2) here, outside the forward that gathers them; "
+            "call the fused loss where they are unsharded (hf_smooth's trainer does)"
+        )
     return None
+
+
+# FSDP2 (`fully_shard`) hooks the modules it shards to all-gather their parameters before the forward (cast to its
+# mixed-precision param dtype) and free them after it. The fused loss reads the weight while it is gathered
+# (`hf_smooth.fused_trainer`), in that dtype, and its gradient reaches FSDP2's reduce-scatter through autograd as the
+# module's own would, so it does not bypass them.
+_SHARDING_HOOK_MODULES = ("torch.distributed.fsdp.",)
+
+
+def _is_sharding_hook(hook) -> bool:
+    return getattr(getattr(hook, "func", hook), "__module__", "").startswith(_SHARDING_HOOK_MODULES)
 
 
 def _lora_linear_class():

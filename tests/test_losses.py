@@ -700,6 +700,9 @@ def oracle_components(logits, labels, method, ignore_index=-100):
         "top1_prob": float(z.softmax(-1).max(-1).values.sum()),
         "correct": float((z.argmax(-1) == y).sum()),
         "logit_gap": float((z.max(-1).values - z.mean(-1)).sum()),
+        "z_loss": 0.0,  # no z-loss here (tests/test_family.py has it)
+        "entropy": float(-(z.softmax(-1) * z.log_softmax(-1)).sum()),
+        "weight": float(scored.sum()),  # no weights: the token count
     }
 
 
