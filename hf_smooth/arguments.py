@@ -6,11 +6,16 @@ Every field is prefixed ``smoothing_`` so it cannot collide with `TrainingArgume
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .methods import METHODS, get_method
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SmoothingArguments",
@@ -21,6 +26,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("constant", "linear")
+SCHEDULE_UNITS = ("step", "epoch")
 CONVENTIONS = ("uniform", "fairseq")
 
 
@@ -32,36 +38,49 @@ class SmoothingArguments:
     [`SmoothTrainingArguments`] / [`SmoothSeq2SeqTrainingArguments`], which add these fields to the HF classes.
     """
 
-    smoothing_method: str = field(
-        default="label_smoothing",
+    # The method used when neither smoothing_method nor label_smoothing_factor is given (a recipe may change it).
+    smoothing_default_method: ClassVar[str] = "label_smoothing"
+
+    smoothing_method: str | None = field(
+        default=None,
         metadata={
             "help": "Training objective: "
             + ", ".join(f"'{m.name}' ({m.summary})" for m in METHODS.values())
-            + ".",
+            + ". Default: 'label_smoothing' (epsilon 0.1), or, when transformers' label_smoothing_factor is set, "
+            "label smoothing with that epsilon.",
             "choices": list(METHODS),
         },
     )
-    smoothing_alpha: float = field(
-        default=0.1,
+    smoothing_alpha: float | None = field(
+        default=None,
         metadata={
             "help": "Strength: epsilon for label_smoothing (in [0, 1]), alpha for maxsup (>= 0). With a linear "
-            "schedule, the value at the first optimizer step."
+            "schedule, the value at the start. Default: 0.1 (label_smoothing_factor, when that is set)."
         },
     )
     smoothing_alpha_end: float | None = field(
         default=None,
         metadata={
-            "help": "With smoothing_schedule='linear': the value at the last optimizer step (the MaxSup paper ramps "
-            "0.1 -> 0.2). Must be unset for the constant schedule."
+            "help": "With smoothing_schedule='linear': the value at the end (the MaxSup paper ramps 0.1 -> 0.2). Must "
+            "be unset for the constant schedule."
         },
     )
     smoothing_schedule: str = field(
         default="constant",
         metadata={
-            "help": "'constant', or 'linear' from smoothing_alpha to smoothing_alpha_end over the optimizer steps "
-            "of training (step t of T uses alpha + (alpha_end - alpha) * t / (T - 1)). The value follows "
-            "global_step, so it resumes exactly from a checkpoint.",
+            "help": "'constant', or 'linear' from smoothing_alpha to smoothing_alpha_end (see "
+            "smoothing_schedule_unit). The value follows the trainer state, so it resumes exactly from a checkpoint.",
             "choices": list(SCHEDULES),
+        },
+    )
+    smoothing_schedule_unit: str = field(
+        default="step",
+        metadata={
+            "help": "What the linear schedule counts. 'step': optimizer step t of T uses alpha + (alpha_end - alpha) * "
+            "t / (T - 1), reaching alpha_end at the last step. 'epoch', as the official MaxSup code: epoch e (0-based) "
+            "of E uses alpha + (alpha_end - alpha) * e / E, constant within an epoch (so the last epoch uses "
+            "alpha + (alpha_end - alpha) * (E - 1) / E).",
+            "choices": list(SCHEDULE_UNITS),
         },
     )
     smoothing_convention: str = field(
@@ -114,7 +133,19 @@ class SmoothingArguments:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
+        if self.smoothing_method is not None and self.smoothing_method not in METHODS:
+            raise ValueError(f"smoothing_method must be one of {tuple(METHODS)}, got {self.smoothing_method!r}.")
+        # The knobs given explicitly, before defaults fill the others: label_smoothing_factor may set only those not
+        # given (apply_label_smoothing_factor), and the start-of-training line says when the method is a default.
+        self.smoothing_explicit = frozenset(
+            name for name in ("smoothing_method", "smoothing_alpha") if getattr(self, name) is not None
+        )
+        if self.smoothing_method is None:
+            self.smoothing_method = self.smoothing_default_method
+        if self.smoothing_alpha is None:
+            self.smoothing_alpha = get_method(self.smoothing_method).default
         self._validate_smoothing()
+        self.apply_label_smoothing_factor(getattr(self, "label_smoothing_factor", 0.0))
 
     def _validate_smoothing(self) -> None:
         if self.smoothing_method not in METHODS:
@@ -122,6 +153,15 @@ class SmoothingArguments:
         method = get_method(self.smoothing_method)
         if self.smoothing_schedule not in SCHEDULES:
             raise ValueError(f"smoothing_schedule must be one of {SCHEDULES}, got {self.smoothing_schedule!r}.")
+        if self.smoothing_schedule_unit not in SCHEDULE_UNITS:
+            raise ValueError(
+                f"smoothing_schedule_unit must be one of {SCHEDULE_UNITS}, got {self.smoothing_schedule_unit!r}."
+            )
+        if self.smoothing_schedule_unit != "step" and self.smoothing_schedule != "linear":
+            raise ValueError(
+                f"smoothing_schedule_unit={self.smoothing_schedule_unit!r} only applies to smoothing_schedule='linear' "
+                f"(got smoothing_schedule={self.smoothing_schedule!r})."
+            )
         if self.smoothing_convention not in CONVENTIONS:
             raise ValueError(f"smoothing_convention must be one of {CONVENTIONS}, got {self.smoothing_convention!r}.")
         values = {"smoothing_alpha": self.smoothing_alpha}
@@ -149,27 +189,112 @@ class SmoothingArguments:
             raise ValueError(f"smoothing_chunk_size must be a positive number of rows, got {self.smoothing_chunk_size}.")
         if self.smoothing_ece_bins < 1:
             raise ValueError(f"smoothing_ece_bins must be >= 1, got {self.smoothing_ece_bins}.")
-        label_smoothing_factor = getattr(self, "label_smoothing_factor", 0.0)
-        if label_smoothing_factor and self.smoothing_method != "none":
+
+    # ---- transformers' label_smoothing_factor --------------------------------------------------------------------
+
+    def apply_label_smoothing_factor(self, factor: float) -> None:
+        """Take transformers' ``label_smoothing_factor`` as exact label smoothing with that epsilon, so HF configs and
+        ``run_translation.py``-style commands work unchanged: it is the uniform convention (``(1-eps)*onehot +
+        eps/K``) that transformers' ``LabelSmoother`` computes, here computed by hf_smooth (the ``LabelSmoother``
+        never runs on top of it). Only the knobs not given explicitly are filled; a different method, strength,
+        convention or a schedule given explicitly is a contradiction and raises, naming both knobs.
+        """
+        if not factor:
+            return
+        get_method("label_smoothing").check_strength(factor, "label_smoothing_factor")
+        factor = float(factor)
+        conflicts = []
+        if "smoothing_method" in self.smoothing_explicit and self.smoothing_method != "label_smoothing":
+            conflicts.append(f"smoothing_method={self.smoothing_method!r}")
+        if "smoothing_alpha" in self.smoothing_explicit and float(self.smoothing_alpha) != factor:
+            conflicts.append(f"smoothing_alpha={self.smoothing_alpha}")
+        if self.smoothing_convention != "uniform":
+            conflicts.append(f"smoothing_convention={self.smoothing_convention!r}")
+        if self.smoothing_schedule != "constant":
+            conflicts.append(f"smoothing_schedule={self.smoothing_schedule!r}")
+        if conflicts:
             raise ValueError(
-                f"label_smoothing_factor={label_smoothing_factor} (transformers' LabelSmoother) and "
-                f"smoothing_method={self.smoothing_method!r} (hf_smooth) both smooth the loss. Use one: set "
-                "label_smoothing_factor=0 and smoothing_method='label_smoothing' with smoothing_alpha="
-                f"{label_smoothing_factor} for the same objective computed exactly."
+                f"label_smoothing_factor={factor} (label smoothing with epsilon {factor}, uniform convention, "
+                f"constant) contradicts {', '.join(conflicts)}. Drop label_smoothing_factor and configure hf_smooth "
+                "with the smoothing_* options, or drop those options to train with label_smoothing_factor alone."
             )
+        if {"smoothing_method", "smoothing_alpha"} <= self.smoothing_explicit:
+            return  # this objective given explicitly (or the factor already applied): nothing to say twice
+        self.smoothing_method, self.smoothing_alpha = "label_smoothing", factor
+        self.smoothing_explicit = self.smoothing_explicit | {"smoothing_method", "smoothing_alpha"}
+        logger.info(
+            "label_smoothing_factor=%g: hf_smooth computes it as exact label smoothing (smoothing_method="
+            "'label_smoothing', smoothing_alpha=%g, uniform convention as transformers' LabelSmoother).", factor, factor
+        )
 
     # ---- derived values ------------------------------------------------------------------------------------------
 
-    def alpha_at(self, step: int, total_steps: int | None) -> float:
-        """Strength used at optimizer step `step` (0-based) of `total_steps`."""
+    def alpha_at(self, step: int, total: int | None) -> float:
+        """Strength at position `step` (0-based) of `total`, counted in ``smoothing_schedule_unit`` (optimizer steps,
+        or epochs)."""
         if get_method(self.smoothing_method).knob is None:
             return 0.0
-        if self.smoothing_schedule == "constant":
+        if self.smoothing_schedule == "constant" or not total or total <= 0:
             return float(self.smoothing_alpha)
-        if not total_steps or total_steps <= 1:
+        if self.smoothing_schedule_unit == "epoch":
+            fraction = step / total  # the official MaxSup code: begin + (end - begin) * epoch / epochs
+        elif total <= 1:
             return float(self.smoothing_alpha)
-        fraction = min(max(step / (total_steps - 1), 0.0), 1.0)
+        else:
+            fraction = step / (total - 1)
+        fraction = min(max(fraction, 0.0), 1.0)
         return float(self.smoothing_alpha + (self.smoothing_alpha_end - self.smoothing_alpha) * fraction)
+
+    def schedule_position(self, state, *, last_step: bool = False) -> tuple[int, int]:
+        """``(index, total)`` of the schedule in a `transformers.TrainerState`: the optimizer step about to run (or,
+        with ``last_step``, the one just taken) of ``max_steps``, or its 0-based epoch of ``num_train_epochs``.
+
+        Both are read from the state, which a checkpoint restores, so a resumed run uses the same strengths as an
+        uninterrupted one. ``state.epoch`` is ``e + k / n`` after step ``k`` of the ``n`` of epoch ``e`` (so exactly
+        ``e`` before the first step of epoch ``e``): the step about to run is in epoch ``floor(epoch)``, the one just
+        taken in ``ceil(epoch) - 1``.
+        """
+        if self.smoothing_schedule_unit == "epoch":
+            epoch = float(state.epoch or 0.0)
+            index = math.ceil(epoch) - 1 if last_step else math.floor(epoch)
+            total = int(state.num_train_epochs or 0)
+            if self.smoothing_schedule == "linear" and not 0 < total < 2**62:  # sys.maxsize: no length to count
+                raise ValueError(
+                    "smoothing_schedule_unit='epoch' needs the number of epochs, but the training data has no length "
+                    "(an IterableDataset with max_steps). Use smoothing_schedule_unit='step'."
+                )
+            return max(index, 0), total
+        step = state.global_step - 1 if last_step else state.global_step
+        return max(step, 0), state.max_steps
+
+    def alpha_for_state(self, state, *, last_step: bool = False) -> float:
+        """Strength at the position of `state` (see `schedule_position`)."""
+        return self.alpha_at(*self.schedule_position(state, last_step=last_step))
+
+    def model_card_tags(self) -> list[str]:
+        """Tags for the model card and the Hub: ``hf_smooth`` and the method's (``label-smoothing``, ``maxsup``; none
+        for plain cross-entropy), as TRL tags the models its trainers train."""
+        method = get_method(self.smoothing_method)
+        return ["hf_smooth"] + ([method.name.replace("_", "-")] if method.knob is not None else [])
+
+    def describe(self) -> str:
+        """One line naming the method, its strength (or schedule) and, for label smoothing, the convention."""
+        method = get_method(self.smoothing_method)
+        if method.knob is None:
+            return "smoothing_method='none' (plain cross-entropy)"
+        if self.smoothing_schedule == "constant":
+            strength = f"{method.knob} {self.smoothing_alpha:g}"
+        else:
+            strength = (
+                f"{method.knob} {self.smoothing_alpha:g} -> {self.smoothing_alpha_end:g}, linear per "
+                f"{self.smoothing_schedule_unit}"
+            )
+        text = f"smoothing_method={method.name!r} ({method.label}), {strength}"
+        if method.knob == "epsilon":
+            uniform = self.smoothing_convention == "uniform"
+            target = "(1-eps)*onehot + eps/K" if uniform else "1-eps on the label, eps/(K-1) elsewhere"
+            text += f", convention {self.smoothing_convention!r} (target {target})"
+        return text
 
     def loss_knobs(self, alpha: float) -> dict:
         """Keyword arguments of `hf_smooth.smoothed_cross_entropy` for the current strength."""

@@ -16,6 +16,7 @@ knows to shift (Llama, Mistral, ...), but for GPT-2-style models it counts ``lab
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -23,10 +24,13 @@ from transformers import TrainerCallback
 
 from . import _compat
 from .arguments import SmoothingArguments
+from .logs import eval_logs, previous_num_tokens, train_window_logs
 from .losses import LossComponents, smoothed_cross_entropy
 from .modeling import align_targets, loss_shifts_labels, unwrap_model
 
 __all__ = ["SmoothedLoss"]
+
+logger = logging.getLogger(__name__)
 
 
 def _world_size() -> int:
@@ -105,12 +109,11 @@ class SmoothedLoss(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._registered = True
         self._state = state
-        if getattr(args, "label_smoothing_factor", 0.0):
-            raise ValueError(
-                f"label_smoothing_factor={args.label_smoothing_factor} is set together with SmoothedLoss: transformers "
-                "ignores its LabelSmoother when compute_loss_func is given, so one of them is silently dropped. Set "
-                "label_smoothing_factor=0 and configure the smoothing on SmoothedLoss."
-            )
+        # transformers never runs its LabelSmoother when compute_loss_func is given (5.19 to 5.24): the factor is taken
+        # here as exact label smoothing with that epsilon, or raises when it contradicts this loss's configuration.
+        self.smoothing_args.apply_label_smoothing_factor(getattr(args, "label_smoothing_factor", 0.0))
+        if model is not None and hasattr(model, "add_model_tags"):
+            model.add_model_tags(self.smoothing_args.model_card_tags())  # push_to_hub's model card carries them
         loss_type = getattr(args, "loss_type", None)
         if loss_type is not None and loss_type != "nll":
             raise ValueError(
@@ -136,6 +139,13 @@ class SmoothedLoss(TrainerCallback):
         if "train_loss" in logs and getattr(self, "_run_parts", None) is not None:
             run = LossComponents.from_vector(_all_reduce(self._run_parts.clone())).means()
             extra["train_loss"] = run["loss"] if run["num_tokens"] else float("nan")
+        options = self.smoothing_args
+        if "smoothing_method" in options.smoothing_explicit:
+            logger.info("hf_smooth SmoothedLoss: training with %s.", options.describe())
+        else:
+            logger.warning(
+                "hf_smooth SmoothedLoss: training with %s, the default (no smoothing_method given).", options.describe()
+            )
         if "loss" in logs and self._parts is not None:
             extra.update(self._window_logs(state))
         if extra:
@@ -154,15 +164,12 @@ class SmoothedLoss(TrainerCallback):
                 "label masking.",
                 stacklevel=2,
             )
-            means = {name: float("nan") for name in means}
-        return {
-            "loss": means["loss"],
-            "nll": means["nll"],
-            "ppl": means["ppl"],
-            "smoothing_penalty": means["regularizer"],
-            "smoothing_alpha": self.smoothing_args.alpha_at(max(state.global_step - 1, 0), state.max_steps),
-            "token_accuracy": means["accuracy"],
-        }
+            means = None
+        return train_window_logs(
+            means,
+            alpha=self.smoothing_args.alpha_for_state(state, last_step=True),
+            num_tokens_before=previous_num_tokens(state.log_history),
+        )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         """Put the token-weighted evaluation metrics (`eval_nll`, `eval_ppl`, calibration, ...) into the results,
@@ -178,7 +185,7 @@ class SmoothedLoss(TrainerCallback):
         else:
             results = accumulator.compute()
             results["smoothing_alpha"] = self.current_alpha
-            extra = {f"{prefix}_{name}": value for name, value in results.items()}
+            extra = eval_logs(results, prefix)
         metrics.update(extra)
         if state.log_history and any(k.startswith(prefix) for k in state.log_history[-1]):
             state.log_history[-1].update(extra)
@@ -203,7 +210,7 @@ class SmoothedLoss(TrainerCallback):
                     "A scheduled SmoothedLoss must see the training state: pass it also as callbacks=[loss]."
                 )
             return self.smoothing_args.alpha_at(0, None)
-        return self.smoothing_args.alpha_at(self._state.global_step, self._state.max_steps)
+        return self.smoothing_args.alpha_for_state(self._state)
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
         if not self._checked_caller:
@@ -260,20 +267,16 @@ class SmoothedLoss(TrainerCallback):
         self._eval_metrics.update(logits.detach(), targets, token_loss=token_loss.detach())
 
     def _check_caller(self) -> None:
-        """Refuse, at the first call, a Trainer whose `label_smoothing_factor` this loss would silently replace.
+        """At the first call, take the calling Trainer's `label_smoothing_factor` as this loss's label smoothing (or
+        raise on a contradiction), which transformers would otherwise silently drop for a compute_loss_func.
 
-        Registered as a callback, `on_init_end` already checked; without it, the calling Trainer is found on the
-        call stack (hf_smooth._compat).
+        Registered as a callback, `on_init_end` already did; without it, the calling Trainer is found on the call
+        stack (hf_smooth._compat).
         """
         self._checked_caller = True
         if self._registered:
             return
         trainer = _compat.calling_trainer()
-        factor = getattr(getattr(trainer, "args", None), "label_smoothing_factor", 0.0)
-        if factor:
-            raise ValueError(
-                f"label_smoothing_factor={factor} is set together with SmoothedLoss: transformers ignores its "
-                "LabelSmoother when compute_loss_func is given, so the factor would be silently dropped. Set "
-                "label_smoothing_factor=0 and configure the smoothing on SmoothedLoss (and pass it as "
-                "callbacks=[loss] too, which checks this at construction)."
-            )
+        self.smoothing_args.apply_label_smoothing_factor(
+            getattr(getattr(trainer, "args", None), "label_smoothing_factor", 0.0)
+        )

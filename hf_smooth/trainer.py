@@ -14,6 +14,8 @@ gradients over ranks, the loss is multiplied by the number of processes when tha
 
 from __future__ import annotations
 
+import inspect
+import logging
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -24,10 +26,13 @@ from transformers import Seq2SeqTrainer, Trainer
 
 from . import _compat
 from .arguments import SmoothingArguments
+from .logs import eval_logs, previous_num_tokens, train_window_logs
 from .losses import LossComponents, smoothed_cross_entropy
 from .modeling import align_targets, is_encoder_decoder, loss_shifts_labels, prepare_decoder_input_ids, unwrap_model
 
 __all__ = ["SmoothLossMixin", "SmoothTrainer", "SmoothSeq2SeqTrainer"]
+
+logger = logging.getLogger(__name__)
 
 
 def _denominator_value(num_items_in_batch, num_tokens: torch.Tensor) -> torch.Tensor:
@@ -68,12 +73,11 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         if not isinstance(smoothing_args, SmoothingArguments):
             raise TypeError(f"smoothing_args must be a SmoothingArguments, got {type(smoothing_args).__name__}.")
         self.smoothing_args = smoothing_args
-        if getattr(train_args, "label_smoothing_factor", 0.0):
-            raise ValueError(
-                f"label_smoothing_factor={train_args.label_smoothing_factor} would be silently ignored: "
-                f"{type(self).__name__} computes the loss itself. Set label_smoothing_factor=0 and use "
-                f"smoothing_method='label_smoothing', smoothing_alpha={train_args.label_smoothing_factor}."
-            )
+        # transformers' label_smoothing_factor becomes hf_smooth's exact label smoothing with that epsilon (or raises on
+        # a contradiction); Trainer.__init__ built a LabelSmoother for it, which must never run on top: compute_loss
+        # below never calls it, and it is dropped here so that no other path can.
+        smoothing_args.apply_label_smoothing_factor(getattr(train_args, "label_smoothing_factor", 0.0))
+        self.label_smoother = None
         if self.compute_loss_func is not None:
             raise ValueError(
                 f"compute_loss_func is set but {type(self).__name__} computes the loss itself; drop one of them "
@@ -96,6 +100,9 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         self._warned_empty: set[str] = set()  # what has been reported as scoring no token (warned once each)
 
         _compat.check_trainer_supported(self)  # loud failure on a Trainer without the hooks the mixin relies on
+        # Tag the model as TRL does (`_tag_names`): push_to_hub and the model card carry them.
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self.smoothing_tags)
         # After train() prepares the model: with several data-parallel processes it must be DDP-wrapped, or raise.
         self.add_callback(_compat.DDPWrapCheck(self))
 
@@ -103,8 +110,21 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
 
     @property
     def smoothing_alpha(self) -> float:
-        """Strength at the current optimizer step (follows `state.global_step`, so it survives resuming)."""
-        return self.smoothing_args.alpha_at(self.state.global_step, self.state.max_steps)
+        """Strength at the current optimizer step or epoch (follows the trainer state, so it survives resuming)."""
+        return self.smoothing_args.alpha_for_state(self.state)
+
+    @property
+    def smoothing_tags(self) -> list[str]:
+        """Model-card tags: ``hf_smooth`` and the method's (``label-smoothing``, ``maxsup``; none for plain CE)."""
+        return self.smoothing_args.model_card_tags()
+
+    def create_model_card(self, *args, **kwargs):
+        """The parent's model card, with `smoothing_tags` added to its ``tags`` (as TRL adds its `_tag_names`)."""
+        bound = inspect.signature(super().create_model_card).bind_partial(*args, **kwargs)
+        tags = bound.arguments.get("tags")
+        tags = [] if tags is None else [tags] if isinstance(tags, str) else list(tags)
+        bound.arguments["tags"] = tags + [tag for tag in self.smoothing_tags if tag not in tags]
+        return super().create_model_card(*bound.args, **bound.kwargs)
 
     def _shift(self, model: nn.Module) -> bool:
         if self.smoothing_args.smoothing_shift_labels is not None:
@@ -129,10 +149,24 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         # evaluate() before train() must not leave the model without its DDP wrapper (see _compat).
         _compat.undo_evaluation_only_prepare(self)
         self._run_parts = None
+        self._announce_smoothing()
         output = super().train(*args, **kwargs)
         # `log` replaced metrics["train_loss"] by the token-weighted objective; TrainOutput carries the old mean.
         train_loss = output.metrics.get("train_loss", output.training_loss)
         return type(output)(output.global_step, train_loss, output.metrics)
+
+    def _announce_smoothing(self) -> None:
+        """One line at the start of training naming the method, strength and convention; a warning when none of it
+        was chosen (a plain `TrainingArguments`: label smoothing 0.1 is the default), else an info line."""
+        options = self.smoothing_args
+        if "smoothing_method" in options.smoothing_explicit:
+            logger.info("hf_smooth: training with %s.", options.describe())
+        else:
+            logger.warning(
+                "hf_smooth: training with %s, the default (no smoothing_method given). Set smoothing_method (and "
+                "smoothing_alpha) to choose; smoothing_method='none' is plain cross-entropy.",
+                options.describe(),
+            )
 
     # ---- token count over the accumulation window ----------------------------------------------------------------
 
@@ -331,26 +365,15 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
             means = self._train_means(totals)
             if means is None:
                 self._warn_empty("training logging window")
-                means = dict.fromkeys(("objective", "nll", "ppl", "regularizer", "top1_prob", "accuracy",
-                                       "logit_gap", "aux_loss"), float("nan"))
-                means["num_tokens"] = 0.0
             logs.update(
-                {
-                    "loss": means["objective"],
-                    "nll": means["nll"],
-                    "ppl": means["ppl"],
-                    "smoothing_penalty": means["regularizer"],
-                    "smoothing_alpha": self.smoothing_args.alpha_at(
-                        max(self.state.global_step - 1, 0), self.state.max_steps
-                    ),
-                    "top1_prob": means["top1_prob"],
-                    "token_accuracy": means["accuracy"],
-                    "logit_gap": means["logit_gap"],
-                    "num_tokens_scored": means["num_tokens"],
-                }
+                train_window_logs(
+                    means,
+                    alpha=self.smoothing_args.alpha_for_state(self.state, last_step=True),
+                    num_tokens_before=previous_num_tokens(self.state.log_history),
+                )
             )
             if totals[len(LossComponents.FIELDS):].abs().sum() > 0 or self._has_router_aux():
-                logs["aux_loss"] = means["aux_loss"]
+                logs["aux_loss"] = float("nan") if means is None else means["aux_loss"]
         if "train_loss" in logs and self._run_parts is not None:
             means = self._train_means(self._run_parts)
             logs["train_loss"] = float("nan") if means is None else means["objective"]
@@ -445,8 +468,7 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
             # Token-weighted over the whole set (Trainer's eval_loss is a mean of per-batch means).
             output.metrics[f"{metric_key_prefix}_loss"] = results.pop("loss")
             results["smoothing_alpha"] = self.smoothing_alpha
-            for name, value in results.items():
-                output.metrics[f"{metric_key_prefix}_{name}"] = value
+            output.metrics.update(eval_logs(results, metric_key_prefix))
         return output
 
 

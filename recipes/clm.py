@@ -64,6 +64,7 @@ from common import run_description, start_run, train_and_report
 
 from hf_smooth import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
 
+from typing import ClassVar
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DATA_BUILDERS = {"txt": "text", "text": "text", "jsonl": "json", "json": "json", "csv": "csv"}
 
@@ -132,9 +133,12 @@ class ClmTrainingArguments(OutputDirArguments, SmoothTrainingArguments):
     logging_steps: float = field(default=5, metadata={"help": "Log every N optimizer steps."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpointing strategy."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
-    smoothing_method: str = field(
-        default="maxsup",
-        metadata={"help": "none | label_smoothing | maxsup.", "choices": ["none", "label_smoothing", "maxsup"]},
+    # None until parsed: an explicit --label_smoothing_factor then means label smoothing (SmoothingArguments).
+    smoothing_default_method: ClassVar[str] = "maxsup"
+    smoothing_method: str | None = field(
+        default=None,
+        metadata={"help": "none | label_smoothing | maxsup (default: maxsup; label_smoothing with "
+                          "--label_smoothing_factor).", "choices": ["none", "label_smoothing", "maxsup"]},
     )
 
 

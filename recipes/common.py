@@ -222,6 +222,7 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     launched_ranks = _use_cpu_when_no_accelerator()
     parser = HfArgumentParser(dataclass_types)
+    group_smoothing_options(parser)
 
     def one_line(message: str):  # argparse would print the usage of every TrainingArguments flag first
         raise RecipeError(f"{message} (see --help)")
@@ -259,15 +260,32 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
             f"{training_args.world_size}: the processes would train independent copies. On a machine without GPUs "
             "add --use_cpu true (DDP over gloo); otherwise check the accelerate config."
         )
-    if getattr(training_args, "label_smoothing_factor", 0.0):
-        # SmoothingArguments already rejects it next to a smoothing method; with --smoothing_method none the
-        # SmoothTrainer would reject it too, but only after the model is loaded.
-        raise RecipeError(
-            f"Invalid arguments: --label_smoothing_factor {training_args.label_smoothing_factor} is transformers' "
-            "LabelSmoother, which these recipes never use (hf_smooth computes the loss). Use --smoothing_method "
-            f"label_smoothing --smoothing_alpha {training_args.label_smoothing_factor} instead."
-        )
+    # --label_smoothing_factor needs no check here: SmoothingArguments took it as --smoothing_method label_smoothing
+    # with that epsilon (as run_translation.py users expect), or refused it next to a contradicting smoothing option.
     return parsed
+
+
+SMOOTHING_GROUP = "smoothing (hf_smooth)"
+
+
+def group_smoothing_options(parser: argparse.ArgumentParser) -> None:
+    """List hf_smooth's options (``--smoothing_*``, and transformers' ``--label_smoothing_factor``, which maps onto
+    them) first in ``--help``, in their own group, not after the ~700 lines of TrainingArguments. Only the help layout
+    changes: argparse parses every action from the parser itself, whatever group shows it."""
+    group = parser.add_argument_group(
+        SMOOTHING_GROUP, "What the loss is: method, strength, schedule. The model, data and TrainingArguments options follow."
+    )
+    ours = [action for action in parser._actions if action.dest.startswith("smoothing_")]
+    ours += [action for action in parser._actions if action.dest == "label_smoothing_factor"]
+    for action in ours:
+        for other in parser._action_groups:
+            if other is not group and action in other._group_actions:
+                other._group_actions.remove(action)
+        group._group_actions.append(action)
+    parser._action_groups.remove(group)
+    parser._action_groups.insert(0, group)
+    # The default usage line lists every flag of TrainingArguments before the help text starts.
+    parser.usage = "%(prog)s [config.yaml|config.json] [--smoothing_method ...] [--smoothing_alpha ...] [options]"
 
 
 def check_sample_limits(args) -> None:

@@ -57,6 +57,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
@@ -180,9 +181,12 @@ class TranslationTrainingArguments(OutputDirArguments, SmoothSeq2SeqTrainingArgu
     predict_with_generate: bool = field(default=True, metadata={"help": "Generate for BLEU/chrF at evaluation."})
     generation_num_beams: int | None = field(default=4, metadata={"help": "Beams at evaluation."})
     generation_max_length: int | None = field(default=64, metadata={"help": "Max generated tokens at evaluation."})
-    smoothing_method: str = field(
-        default="label_smoothing",
-        metadata={"help": "none | label_smoothing | maxsup.", "choices": ["none", "label_smoothing", "maxsup"]},
+    # None until parsed: an explicit --label_smoothing_factor then means label smoothing (SmoothingArguments).
+    smoothing_default_method: ClassVar[str] = "label_smoothing"
+    smoothing_method: str | None = field(
+        default=None,
+        metadata={"help": "none | label_smoothing | maxsup (default: label_smoothing; label_smoothing with "
+                          "--label_smoothing_factor).", "choices": ["none", "label_smoothing", "maxsup"]},
     )
 
     def __post_init__(self):

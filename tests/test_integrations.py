@@ -44,7 +44,7 @@ def test_smoothed_loss_in_plain_trainer_matches_reference(method, tmp_path):
 def test_smoothed_loss_rejects_silent_configurations(tmp_path):
     model = BUILDERS["llama"](0)
     loss = SmoothedLoss(smoothing_method="maxsup")
-    with pytest.raises(ValueError, match="label_smoothing_factor"):
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 .*contradicts smoothing_method='maxsup'"):
         Trainer(model=model, args=plain_args(tmp_path, label_smoothing_factor=0.1), compute_loss_func=loss,
                 callbacks=[loss])
     unregistered = SmoothedLoss(smoothing_method="maxsup")

@@ -185,18 +185,20 @@ def test_eval_metrics_are_token_weighted_and_nll_is_plain_ce(tmp_path):
     assert metrics["eval_nll"] == pytest.approx(nll_sum / count, rel=1e-5)
     assert metrics["eval_ppl"] == pytest.approx(math.exp(nll_sum / count), rel=1e-5)
     assert metrics["eval_loss"] == pytest.approx(obj_sum / count, rel=1e-5)
-    assert metrics["eval_accuracy"] == pytest.approx(correct / count)
+    assert metrics["eval_mean_token_accuracy"] == pytest.approx(correct / count)
     assert metrics["eval_num_tokens"] == count
 
 
 def test_configuration_errors(tmp_path):
     model = BUILDERS["llama"](0)
     data = ListDataset(causal_examples(4))
-    with pytest.raises(ValueError, match="label_smoothing_factor"):
-        SmoothTrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, use_cpu=True)
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 .*contradicts smoothing_method='maxsup'"):
+        SmoothTrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, smoothing_method="maxsup",
+                                use_cpu=True)
     hf_args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, use_cpu=True, report_to=[])
-    with pytest.raises(ValueError, match="label_smoothing_factor"):
-        SmoothTrainer(model=model, args=hf_args, train_dataset=data, data_collator=PadCollator())
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 .*contradicts smoothing_alpha=0.2"):
+        SmoothTrainer(model=model, args=hf_args, train_dataset=data, data_collator=PadCollator(),
+                      smoothing_args=SmoothingArguments(smoothing_alpha=0.2))
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     with pytest.raises(ValueError, match="compute_loss_func"):
         SmoothTrainer(model=model, args=args, train_dataset=data, compute_loss_func=lambda *a, **k: 0)

@@ -237,14 +237,14 @@ def plain_args(tmp_path, **extra):
     return TrainingArguments(**defaults)
 
 
-def test_smoothed_loss_without_callback_refuses_label_smoothing_factor_at_first_call(tmp_path):
+def test_smoothed_loss_without_callback_refuses_contradicting_label_smoothing_factor_at_first_call(tmp_path):
     model = tiny_llama(0)
     loss = SmoothedLoss(smoothing_method="maxsup", model=model)
     trainer = Trainer(
         model=model, args=plain_args(tmp_path, label_smoothing_factor=0.1), train_dataset=ListDataset(causal_examples(4)),
         data_collator=PadCollator(), compute_loss_func=loss,
     )
-    with pytest.raises(ValueError, match="label_smoothing_factor=0.1"):
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 .*contradicts smoothing_method='maxsup'"):
         trainer.train()
 
 

@@ -25,8 +25,8 @@ ALPHA = 0.1
 LR = 1.0
 
 # Every training-log key hf_smooth adds; the fused path must report the same numbers as the materialized one.
-SMOOTH_LOG_KEYS = ["loss", "nll", "ppl", "smoothing_penalty", "smoothing_alpha", "top1_prob", "token_accuracy",
-                   "logit_gap", "num_tokens_scored"]
+SMOOTH_LOG_KEYS = ["loss", "nll", "ppl", "smoothing_penalty", "smoothing_alpha", "top1_prob", "mean_token_accuracy",
+                   "logit_gap", "num_tokens_scored", "num_tokens"]
 
 
 # ---- the oracle --------------------------------------------------------------------------------------------------
