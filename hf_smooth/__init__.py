@@ -2,7 +2,8 @@
 
 The maths lives in :mod:`hf_smooth.losses` (and the fused linear path in :mod:`hf_smooth.fused`); the trainer,
 the ``compute_loss_func`` callable and the recipes only route to it. Plots (:mod:`hf_smooth.plots`, matplotlib) and
-the comparison report (:mod:`hf_smooth.demo.report`) are imported on demand, not here.
+the comparison report (:mod:`hf_smooth.demo.report`) are imported on demand, not here, and so is TRL:
+``from hf_smooth import SmoothSFTTrainer`` imports :mod:`hf_smooth.sft` (and trl) on first use.
 """
 
 from .arguments import SmoothingArguments, SmoothSeq2SeqTrainingArguments, SmoothTrainingArguments
@@ -14,6 +15,16 @@ from .metrics import TokenMetrics
 from .trainer import SmoothLossMixin, SmoothSeq2SeqTrainer, SmoothTrainer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # TRL is optional ([trl] extra): SmoothSFTTrainer is imported on first access, never by `import hf_smooth`.
+    if name == "SmoothSFTTrainer":
+        from .sft import SmoothSFTTrainer
+
+        return SmoothSFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "LossComponents",

@@ -119,7 +119,18 @@ class SmoothedLoss(TrainerCallback):
             raise ValueError(
                 f"loss_type={loss_type!r} (TRL) computes its own loss and never calls compute_loss_func, so "
                 "SmoothedLoss would silently not be used. Set loss_type='nll', or use "
-                "`class SmoothSFTTrainer(SmoothLossMixin, SFTTrainer)`."
+                "`from hf_smooth import SmoothSFTTrainer` in place of SFTTrainer."
+            )
+        if any(cls.__name__ == "SFTConfig" for cls in type(args).__mro__):
+            # TRL 1.15 deprecated compute_loss_func in SFTTrainer (removal planned for 2.0); from 1.16 it runs a
+            # second, fused forward per step for its own metrics.
+            warnings.warn(
+                "SmoothedLoss as TRL SFTTrainer's compute_loss_func: TRL deprecates compute_loss_func there (removal "
+                "planned for trl 2.0) and runs an extra forward pass per step for its metrics. Use "
+                "`from hf_smooth import SmoothSFTTrainer` in place of SFTTrainer: one forward, the same smoothing "
+                "options (smoothing_args=), TRL's metrics kept.",
+                UserWarning,
+                stacklevel=2,
             )
         if model is not None and self.smoothing_args.smoothing_shift_labels is None:
             self._shift = loss_shifts_labels(model)

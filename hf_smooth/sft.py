@@ -1,0 +1,115 @@
+"""`SmoothSFTTrainer`: TRL's `SFTTrainer` whose loss is label smoothing / MaxSup / CE computed by hf_smooth.
+
+    from hf_smooth import SmoothSFTTrainer      # imports trl on first use (pip install "hf_smooth[trl]")
+
+Everything TRL does before the loss stays TRL's: dataset preparation, chat templates, completion-only
+(``completion_only_loss``) and assistant-only (``assistant_only_loss``) label masks, padding-free and packed batches
+(``position_ids``, the first token of each packed sequence masked), PEFT wrapping, model-card tags. The loss is
+`SmoothLossMixin.compute_loss`: labels popped, the model called once, the scored tokens counted exactly over the
+accumulation window and the processes, optionally the fused path (`smoothing_fused_loss`). TRL's own loss path (its
+fused LM head, ``compute_loss_func``, ``label_smoothing_factor``) never runs, so nothing is computed twice.
+
+TRL's training metrics keep their names and meanings:
+
+- ``mean_token_accuracy`` and ``entropy``: over the tokens the loss scores (labels != -100 after the shift), as in
+  TRL >= 1.16; logged by the mixin from hf_smooth's loss components, so they exist on the fused path too, where no
+  logits are materialized. TRL averages per-micro-batch ratios over a logging window; hf_smooth weights every scored
+  token equally (the same when the micro-batches score equally many tokens). TRL 1.0 took the entropy over all
+  non-padding tokens, prompts included.
+- ``num_tokens``: as TRL counts it, the input tokens trained on so far over all processes (the attention mask, prompts
+  included; a padding-free batch's flattened length), not only the scored ones (those are ``num_tokens_scored`` per
+  logging window). It continues from the last logged value when training resumes from a checkpoint.
+- ``aux_loss`` (mixture-of-experts): the mixin adds ``router_aux_loss_coef * aux_loss`` once, weighted by each
+  micro-batch's share of the scored tokens; the model never adds it (it gets no labels), nor does TRL (its
+  ``compute_loss`` is not called). ``output_router_logits=True`` is requested per call as TRL does, for the
+  vision-language wrappers that honour it only as a forward argument.
+
+Written against trl 1.0 (the floor) and 1.16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from torch import nn
+
+if importlib.util.find_spec("trl") is None:
+    raise ImportError('SmoothSFTTrainer needs TRL, which is not installed: pip install "hf_smooth[trl]"')
+
+from trl import SFTTrainer  # noqa: E402
+
+from .logs import previous_num_tokens  # noqa: E402
+from .trainer import SmoothLossMixin  # noqa: E402
+
+__all__ = ["SmoothSFTTrainer"]
+
+
+class _InputTokenCount:
+    """Sits between `SmoothLossMixin` and `SFTTrainer` in the method order, so that its `log` runs after the mixin
+    has written a training line and before `Trainer.log` records it: ``num_tokens`` there becomes TRL's count."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._input_tokens is not None:
+            # Called on every process at a logging step (the mixin all-reduces its sums here too): one collective
+            # per log instead of one per micro-batch as in TRL.
+            seen = self._input_tokens
+            if self.accelerator.num_processes > 1:
+                seen = self.accelerator.reduce(seen.clone(), reduction="sum")
+            logs["num_tokens"] = self._num_tokens_before + float(seen.item())
+        super().log(logs, start_time)
+
+
+class SmoothSFTTrainer(SmoothLossMixin, _InputTokenCount, SFTTrainer):
+    """`trl.SFTTrainer` whose loss is computed by hf_smooth; takes the smoothing configuration as `SmoothTrainer`
+    does (``smoothing_args=SmoothingArguments(...)``; the `SFTConfig` keeps TRL's own options)."""
+
+    def __init__(self, *args, **kwargs):
+        self._input_tokens: torch.Tensor | None = None  # this process's input tokens since train() began
+        self._num_tokens_before = 0.0  # num_tokens of the last log before train() began (a resumed run's)
+        super().__init__(*args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        self._input_tokens = None
+        return super().train(*args, **kwargs)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        inputs = dict(inputs)
+        # TRL 1.0's prediction_step marks the batch for its own compute_loss; the model must not receive the key.
+        inputs.pop("_prediction_loss_only", None)
+        inputs["use_cache"] = False  # as SFTTrainer.compute_loss: no KV cache in training (gradient checkpointing)
+        if getattr(self, "aux_loss_enabled", False):
+            inputs["output_router_logits"] = True
+        if model.training:
+            self._count_input_tokens(inputs)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+
+    def _count_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """TRL's ``num_tokens``: the non-padding input tokens of the batch (the flattened length of a padding-free
+        batch), accumulated on the device; summed over the processes when logged."""
+        if inputs.get("attention_mask") is not None:
+            count = inputs["attention_mask"].sum()
+        elif inputs.get("position_ids") is not None:
+            position_ids = inputs["position_ids"]
+            count = torch.tensor(position_ids.size(-1), device=position_ids.device)
+        else:
+            raise ValueError(
+                "SmoothSFTTrainer counts num_tokens from 'attention_mask' or, for padding-free batches, 'position_ids'; "
+                f"the batch has neither (keys: {sorted(inputs)}). Use TRL's collator or add an attention_mask."
+            )
+        count = count.to(torch.int64)
+        if self._input_tokens is None:
+            # First batch of this train(): the trainer state (a resumed run's log history) is loaded by now.
+            self._num_tokens_before = previous_num_tokens(self.state.log_history)
+            self._input_tokens = count
+        else:
+            self._input_tokens = self._input_tokens + count
