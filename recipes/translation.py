@@ -395,11 +395,30 @@ def generated_lengths(predictions: np.ndarray, *, pad: int, eos: int | None, sta
     return np.asarray(lengths)
 
 
+def bleu_chrf_scorer():
+    """`(hypotheses, references) -> {"bleu", "chrf"}`: hf_smooth's `corpus_bleu_chrf` evaluate module, loaded offline
+    from the installed package (`evaluate.load("sacrebleu")` needs the hub), or sacrebleu directly, with one line
+    saying so, where `evaluate` is missing or the module does not load. Both are sacrebleu's corpus scores."""
+    try:
+        from hf_smooth import evaluate_modules
+
+        module = evaluate_modules.load("corpus_bleu_chrf")
+    except Exception as error:  # ImportError without evaluate, or whatever evaluate raises while loading
+        print(f"Warning: BLEU/chrF from sacrebleu directly (the evaluate module did not load: {error}).", flush=True)
+        import sacrebleu
+
+        return lambda hypotheses, references: {
+            "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+        }
+    return lambda hypotheses, references: module.compute(predictions=hypotheses, references=references)
+
+
 class BleuMetrics:
-    """`compute_metrics` for generated ids: sacrebleu BLEU and chrF of the hypotheses against the evaluation pairs'
-    reference texts (`evaluate.load` needs the hub). The evaluation batches come length-grouped, so each prediction
-    is put back in dataset order through its input ids (`include_for_metrics=["inputs"]`); `eval_predictions.jsonl`
-    then has one {"source", "reference", "hypothesis"} per evaluation pair, in the order of the data."""
+    """`compute_metrics` for generated ids: BLEU and chrF of the hypotheses against the evaluation pairs' reference
+    texts ([`bleu_chrf_scorer`]). The evaluation batches come length-grouped, so each prediction is put back in
+    dataset order through its input ids (`include_for_metrics=["inputs"]`); `eval_predictions.jsonl` then has one
+    {"source", "reference", "hypothesis"} per evaluation pair, in the order of the data."""
 
     def __init__(self, tokenizer, eval_pairs, encoded_inputs, *, decoder_start_token_id=None):
         self.tokenizer = tokenizer
@@ -410,6 +429,7 @@ class BleuMetrics:
         for index, ids in enumerate(encoded_inputs):
             self.rows_of.setdefault(tuple(int(i) for i in ids), []).append(index)
         self.hypotheses: list[str] = []
+        self.score = None  # bleu_chrf_scorer(), built at the first evaluation (runs without generation never load it)
 
     def _key(self, ids) -> tuple[int, ...]:
         pad = self.tokenizer.pad_token_id
@@ -435,8 +455,6 @@ class BleuMetrics:
         return ordered
 
     def __call__(self, prediction):
-        import sacrebleu
-
         predictions = prediction.predictions
         if isinstance(predictions, tuple):
             predictions = predictions[0]
@@ -446,11 +464,9 @@ class BleuMetrics:
         hypotheses = [t.strip() for t in self.tokenizer.batch_decode(predictions, skip_special_tokens=True)]
         self.hypotheses = self._dataset_order(hypotheses, prediction.inputs)
         references = [target for _, target in self.eval_pairs]
-        return {
-            "bleu": sacrebleu.corpus_bleu(self.hypotheses, [references]).score,
-            "chrf": sacrebleu.corpus_chrf(self.hypotheses, [references]).score,
-            "gen_len": float(np.mean(lengths)),
-        }
+        self.score = self.score or bleu_chrf_scorer()
+        scores = self.score(self.hypotheses, references)
+        return {"bleu": scores["bleu"], "chrf": scores["chrf"], "gen_len": float(np.mean(lengths))}
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
