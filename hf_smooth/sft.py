@@ -30,6 +30,7 @@ Written against trl 1.0 (the floor) and 1.16.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any
 
 import torch
@@ -68,7 +69,21 @@ class SmoothSFTTrainer(SmoothLossMixin, _InputTokenCount, SFTTrainer):
     def __init__(self, *args, **kwargs):
         self._input_tokens: torch.Tensor | None = None  # this process's input tokens since train() began
         self._num_tokens_before = 0.0  # num_tokens of the last log before train() began (a resumed run's)
-        super().__init__(*args, **kwargs)
+        # TRL's other losses (loss_type="dft") live in SFTTrainer.compute_loss, which never runs here. Checked before
+        # SFTTrainer.__init__, which turns "dft" into a compute_loss_func in trl 1.0.
+        config = kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
+        loss_type = getattr(config, "loss_type", "nll")
+        if loss_type not in ("nll", "chunked_nll"):
+            raise ValueError(
+                f"loss_type={loss_type!r} is a TRL loss that SmoothSFTTrainer would silently not compute (hf_smooth "
+                "computes the loss: smoothing_method in smoothing_args). Set loss_type='nll' in the SFTConfig, or use "
+                "trl.SFTTrainer for that loss."
+            )
+        with warnings.catch_warnings():
+            # TRL >= 1.15 warns that label_smoothing_factor is deprecated in SFTTrainer and costs an extra forward
+            # pass; here the mixin takes it as hf_smooth's exact label smoothing, computed in the one forward.
+            warnings.filterwarnings("ignore", message="`label_smoothing_factor` is deprecated", category=FutureWarning)
+            super().__init__(*args, **kwargs)
 
     def train(self, *args, **kwargs):
         self._input_tokens = None

@@ -95,11 +95,10 @@ def sft_setup(tmp_path, mode: str, **config_extra):
         options = dict(completion_only_loss=True, max_length=64)
         if mode == "padding_free":
             options.update(padding_free=True, max_length=None)
-    options = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, **options)
+    options = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, save_strategy="no", **options)
     options.update(config_extra)
     config = trl.SFTConfig(
-        output_dir=str(tmp_path / "sft"), report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
-        disable_tqdm=True, **options,
+        output_dir=str(tmp_path / "sft"), report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True, **options
     )
     expected = {}
     for row in rows:
@@ -251,6 +250,24 @@ def test_sft_modes_train_on_exactly_the_masked_tokens(tmp_path, mode, fused, met
     assert logs[0]["num_tokens"] < logs[1]["num_tokens"]
 
 
+def test_num_tokens_continues_when_resumed(tmp_path):
+    """A run resumed from the step-1 checkpoint logs the same cumulative num_tokens as the uninterrupted run."""
+    from hf_smooth import SmoothSFTTrainer
+
+    smoothing = SmoothingArguments(smoothing_method="maxsup", smoothing_alpha=ALPHA)
+    _, kwargs, _ = sft_setup(tmp_path, "completion_only", max_steps=3, save_strategy="steps", save_steps=1)
+    whole = SmoothSFTTrainer(**kwargs, smoothing_args=smoothing)
+    whole.train()
+    expected = [log["num_tokens"] for log in whole.state.log_history if "loss" in log]
+
+    _, kwargs, _ = sft_setup(tmp_path, "completion_only", max_steps=3, save_strategy="no")
+    resumed = SmoothSFTTrainer(**kwargs, smoothing_args=smoothing)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "sft" / "checkpoint-1"))
+    got = [log["num_tokens"] for log in resumed.state.log_history if "loss" in log]
+    assert len(expected) == len(got) == 3 and expected[0] < expected[1] < expected[2]
+    assert got == expected
+
+
 # ---- import, warnings, what TRL refuses ----------------------------------------------------------------------------
 
 
@@ -283,6 +300,29 @@ def test_smoothed_loss_inside_sft_trainer_points_to_smooth_sft_trainer(tmp_path)
         )
     ours = [w for w in caught if "SmoothSFTTrainer" in str(w.message)]
     assert len(ours) == 1 and "compute_loss_func" in str(ours[0].message)
+
+
+def test_trl_loss_types_that_would_be_ignored_are_refused(tmp_path):
+    trl, tokenizer, data, model, config = sft_pieces(tmp_path, loss_type="dft")
+    from hf_smooth import SmoothSFTTrainer
+
+    with pytest.raises(ValueError, match="loss_type='dft'"):
+        SmoothSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+
+
+def test_label_smoothing_factor_is_exact_label_smoothing_without_trls_warning(tmp_path):
+    """TRL >= 1.15 warns that label_smoothing_factor costs an extra forward in SFTTrainer; not here, where the mixin
+    takes it as hf_smooth's label smoothing with that epsilon."""
+    trl, tokenizer, data, model, config = sft_pieces(tmp_path, label_smoothing_factor=0.2)
+    from hf_smooth import SmoothSFTTrainer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = SmoothSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    assert not [w for w in caught if "label_smoothing_factor" in str(w.message)]
+    options = trainer.smoothing_args
+    assert (options.smoothing_method, options.smoothing_alpha, options.smoothing_convention) == (
+        "label_smoothing", 0.2, "uniform")
 
 
 def test_peft_on_lm_head(tmp_path):
