@@ -73,6 +73,15 @@ def test_token_calibration_equals_token_metrics_and_the_oracle(dtype):
         assert results[key] == pytest.approx(oracle[key], rel=tolerance, abs=tolerance), key
 
 
+def test_no_scored_token_gives_token_metrics_empty_values():
+    logits, labels = torch.randn(2, 3, 5), torch.full((2, 3), -100)
+    module = evaluate_modules.load("token_calibration")
+    module.add_batch(**scored_statistics(token_statistics(logits, labels)))
+    expected = TokenMetrics().update(logits, labels).compute()
+    assert module.compute() == {key: expected[key] for key in (*TOKEN_KEYS, "num_tokens")}
+    assert expected["ppl"] == 1.0 and expected["num_tokens"] == 0
+
+
 def test_combine_of_the_single_modules_equals_token_calibration():
     names = ["token_accuracy", "token_nll", "token_brier", "token_ece"]
     combined = evaluate.combine([evaluate_modules.load(name, num_bins=5) for name in names])
