@@ -133,3 +133,43 @@ def drop_masked_vocabulary(logits: torch.Tensor, labels: torch.Tensor, *, ignore
         rows.append(smoothed_rows(sub, torch.tensor([new_label]), **knobs)[0])
     values = torch.stack(rows) if rows else torch.zeros(0, dtype=torch.float64)
     return _scatter_rows(values, valid, labels.shape)
+
+
+def family_rows(
+    logits: torch.Tensor, labels: torch.Tensor, *, epsilon: float = 0.0, alpha: float = 0.0,
+    convention: str = "uniform", z_loss: float = 0.0, smoothing_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Per-token ``-sum_k q_k log p_k + alpha * (z_max - mean_S z) + z_loss * lse**2`` in float64 (0 at ignored
+    positions), where ``S`` (``smoothing_mask``, all classes by default) are the classes that get smoothing mass:
+    ``q = (1 - eps) onehot(y) + eps / |S|`` on ``S`` (uniform), or ``eps / |S \\ {y}|`` on ``S \\ {y}`` (fairseq).
+    The softmax, ``lse`` and ``z_max`` run over every class. Written from the definitions, the full ``q`` built."""
+    z, y, valid = _flat(logits, labels, ignore_index)
+    zv, yv = z[valid], y[valid]
+    num_classes = z.shape[-1]
+    mask = torch.ones(num_classes, dtype=torch.bool) if smoothing_mask is None else smoothing_mask.bool()
+    support = mask.to(torch.float64).expand(zv.shape[0], num_classes)
+    onehot = F.one_hot(yv, num_classes).to(torch.float64)
+    if convention == "uniform":
+        q = (1.0 - epsilon) * onehot + epsilon * support / support.sum(-1, keepdim=True)
+    else:
+        others = support * (1.0 - onehot)
+        q = (1.0 - epsilon) * onehot + epsilon * others / others.sum(-1, keepdim=True)
+    lse = torch.logsumexp(zv, dim=-1)
+    rows = -(q * (zv - lse.unsqueeze(-1))).sum(-1)
+    mean_s = (zv * support).sum(-1) / support.sum(-1)
+    rows = rows + alpha * (zv.max(-1).values - mean_s) + z_loss * lse**2
+    return _scatter_rows(rows, valid, labels.shape)
+
+
+def weighted_reduce(rows: torch.Tensor, weights: torch.Tensor, *, reduction: str, num_items_in_batch=None):
+    """``w * rows`` reduced: ``none``, ``sum``, or ``mean`` = the sum over ``num_items_in_batch`` when given, else over
+    the sum of the weights (weights at ignored positions do not count: ``rows`` is 0 there, pass them as 0)."""
+    weighted = rows * weights.to(torch.float64)
+    if reduction == "none":
+        return weighted
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    denominator = float(weights.double().sum()) if num_items_in_batch is None else float(num_items_in_batch)
+    return total / denominator
