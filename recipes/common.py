@@ -885,12 +885,12 @@ def training_summary(log_history: list[dict]) -> dict:
 
     if tokens:
         for name, value in (("train_objective", objective), ("train_nll", lambda log: log["nll"]),
-                            ("train_token_accuracy", lambda log: log["token_accuracy"])):
+                            ("train_mean_token_accuracy", lambda log: log["mean_token_accuracy"])):
             summary[name] = sum(value(log) * log["num_tokens_scored"] for log in windows) / tokens
         summary["train_ppl"] = perplexity(summary["train_nll"])
     last = windows[-1]
     summary.update({"train_last_objective": objective(last), "train_last_nll": last["nll"],
-                    "train_last_ppl": last["ppl"], "train_last_token_accuracy": last["token_accuracy"]})
+                    "train_last_ppl": last["ppl"], "train_last_mean_token_accuracy": last["mean_token_accuracy"]})
     return summary
 
 
@@ -913,7 +913,7 @@ RESULT_ROWS = [
     ("eval_loss", "objective (eval)"),
     ("eval_nll", "NLL (eval)"),
     ("eval_ppl", "perplexity (eval)"),
-    ("eval_accuracy", "token accuracy (eval)"),
+    ("eval_mean_token_accuracy", "token accuracy (eval)"),
     ("eval_ece", "ECE, 15 bins (eval)"),
     ("eval_brier", "Brier (eval)"),
     ("eval_logit_gap", "z_max - mean z (eval)"),

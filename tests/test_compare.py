@@ -60,13 +60,13 @@ def hand_runs(tmp_path):
     # eval_nll: LS 2, 4, 6 -> mean 4, sd sqrt((4 + 0 + 4) / 2) = 2;  MaxSup 3, 5 -> mean 4, sd sqrt(2);  CE 7.5 alone.
     # eval_ece: LS 0.25, 0.75, 0.5 -> mean 0.5, sd sqrt((0.0625 + 0.0625 + 0) / 2) = 0.25;  MaxSup: one run wrote
     # null (a non-finite value), so one value, 0.125, and no sd;  CE has no ECE at all.
-    # eval_accuracy only in the CE run; eval_bleu in none (its column must disappear).
+    # eval_mean_token_accuracy only in the CE run; eval_bleu in none (its column must disappear).
     write_run(tmp_path, "ls0p1", 0, "LS 0.1", {"eval_nll": 2.0, "eval_ece": 0.25, "task": "clm"})
     write_run(tmp_path, "ls0p1", 1, "LS 0.1", {"eval_nll": 4.0, "eval_ece": 0.75})
     write_run(tmp_path, "ls0p1", 2, "LS 0.1", {"eval_nll": 6.0, "eval_ece": 0.5})
     write_run(tmp_path, "maxsup0p1", 0, "MaxSup 0.1", {"eval_nll": 3.0, "eval_ece": None})
     write_run(tmp_path, "maxsup0p1", 1, "MaxSup 0.1", {"eval_nll": 5.0, "eval_ece": 0.125})
-    write_run(tmp_path, "ce", 0, "CE", {"eval_nll": 7.5, "eval_accuracy": 0.625})
+    write_run(tmp_path, "ce", 0, "CE", {"eval_nll": 7.5, "eval_mean_token_accuracy": 0.625})
     (tmp_path / "ce" / "seed1").mkdir()  # an unfinished run: no metrics.json, not counted
     (tmp_path / "ce" / "seed1" / "run.json").write_text(json.dumps({"method": "CE", "seed": 1}))
     return tmp_path
@@ -87,15 +87,17 @@ def test_load_runs_reads_method_and_seed(hand_runs, tmp_path):
 def test_summarize_hand_computed(hand_runs):
     summary = summarize(load_runs(hand_runs), order=["CE", "LS 0.1", "MaxSup 0.1"])
     assert summary["methods"] == ["CE", "LS 0.1", "MaxSup 0.1"]
-    assert summary["columns"] == [("eval_nll", "eval NLL"), ("eval_accuracy", "token acc."), ("eval_ece", "ECE")]
+    assert summary["columns"] == [
+        ("eval_nll", "eval NLL"), ("eval_mean_token_accuracy", "token acc."), ("eval_ece", "ECE")
+    ]
     cells = summary["cells"]
     assert cells["LS 0.1"]["eval_nll"] == pytest.approx((4.0, 2.0, 3), abs=1e-15)
     assert cells["LS 0.1"]["eval_ece"] == pytest.approx((0.5, 0.25, 3), abs=1e-15)
     assert cells["MaxSup 0.1"]["eval_nll"][0] == 4.0
     assert cells["MaxSup 0.1"]["eval_nll"][1] == pytest.approx(1.4142135623730951, abs=1e-15)
     assert cells["MaxSup 0.1"]["eval_ece"] == (0.125, None, 1)
-    assert cells["CE"] == {"eval_nll": (7.5, None, 1), "eval_accuracy": (0.625, None, 1)}
-    assert "eval_accuracy" not in cells["LS 0.1"]
+    assert cells["CE"] == {"eval_nll": (7.5, None, 1), "eval_mean_token_accuracy": (0.625, None, 1)}
+    assert "eval_mean_token_accuracy" not in cells["LS 0.1"]
 
 
 def test_summarize_default_order_is_first_appearance(hand_runs):
@@ -118,7 +120,7 @@ def test_to_csv_hand_written(hand_runs):
     summary = summarize(load_runs(hand_runs), order=["LS 0.1", "MaxSup 0.1", "CE"])
     rows = list(csv.reader(io.StringIO(to_csv(summary))))
     assert rows[0] == ["method"] + [
-        f"{key}_{part}" for key in ("eval_nll", "eval_accuracy", "eval_ece") for part in ("mean", "sd", "n")
+        f"{key}_{part}" for key in ("eval_nll", "eval_mean_token_accuracy", "eval_ece") for part in ("mean", "sd", "n")
     ]
     ls, maxsup, ce = rows[1:]
     assert ls[:4] == ["LS 0.1", "4.0", "2.0", "3"] and ls[4:7] == ["", "", "0"] and ls[7:] == ["0.5", "0.25", "3"]
@@ -216,7 +218,7 @@ if os.environ.get("FAKE_RECIPE_FAIL") == str(seed):
 if os.environ.get("FAKE_RECIPE_NO_METRICS"):
     sys.exit(0)
 alpha = float(flags.get("--smoothing_alpha", 0.0))
-metrics = {"eval_nll": 1.0 + alpha + 0.5 * seed, "eval_accuracy": 0.5 - alpha + 0.01 * seed}
+metrics = {"eval_nll": 1.0 + alpha + 0.5 * seed, "eval_mean_token_accuracy": 0.5 - alpha + 0.01 * seed}
 (out / "metrics.json").write_text(json.dumps(metrics))
 history = [{"step": s, "loss": 3.0 - 0.1 * s + alpha, "nll": 3.0 - 0.1 * s} for s in (1, 2, 3)]
 (out / "log_history.json").write_text(json.dumps(history))
@@ -457,8 +459,8 @@ def test_compare_translation_two_methods_two_seeds(tmp_path, capsys):
     for (method, seed), m in metrics.items():
         assert m["seed"] == seed and m["smoothing_alpha"] == 0.1
         assert m["smoothing_method"] == {"LS 0.1": "label_smoothing", "MaxSup 0.1": "maxsup"}[method]
-    keys = ["eval_nll", "eval_ppl", "eval_accuracy", "eval_ece", "eval_ece_adaptive", "eval_brier", "eval_entropy",
-            "eval_logit_gap", "eval_bleu", "eval_chrf"]
+    keys = ["eval_nll", "eval_ppl", "eval_mean_token_accuracy", "eval_ece", "eval_ece_adaptive", "eval_brier",
+            "eval_entropy", "eval_logit_gap", "eval_bleu", "eval_chrf"]
     for key in keys:
         assert all(isinstance(m.get(key), float) and math.isfinite(m[key]) for m in metrics.values()), key
 

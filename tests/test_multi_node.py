@@ -320,8 +320,8 @@ def check_same_training(two_nodes: Path, one_process: Path, initial: Path) -> di
     assert metrics["global_step"] == single["global_step"]
     for key in ("train_tokens_scored", "eval_num_tokens", "train_examples", "eval_examples"):
         assert metrics[key] == single[key], key
-    for key in ("train_nll", "train_objective", "eval_loss", "eval_nll", "eval_accuracy", "eval_ece", "eval_brier",
-                "eval_entropy", "eval_logit_gap"):
+    for key in ("train_nll", "train_objective", "eval_loss", "eval_nll", "eval_mean_token_accuracy", "eval_ece",
+                "eval_brier", "eval_entropy", "eval_logit_gap"):
         assert metrics[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
     return metrics
 

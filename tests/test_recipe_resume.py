@@ -291,7 +291,7 @@ def check_hf_outputs(out: Path) -> None:
     train = json.loads((out / "train_results.json").read_text())
     evaluation = json.loads((out / "eval_results.json").read_text())
     assert {"train_loss", "train_runtime", "train_samples_per_second"} <= train.keys()
-    assert {"eval_loss", "eval_nll", "eval_accuracy"} <= evaluation.keys()
+    assert {"eval_loss", "eval_nll", "eval_mean_token_accuracy"} <= evaluation.keys()
     for key, value in {**train, **evaluation}.items():
         if key != "epoch":
             assert metrics[key] == pytest.approx(value, rel=1e-12), key

@@ -31,10 +31,11 @@ TINY_TRAINING = [
 ]
 
 EVAL_KEYS = [
-    "eval_loss", "eval_nll", "eval_ppl", "eval_accuracy", "eval_confidence", "eval_ece", "eval_ece_adaptive",
+    "eval_loss", "eval_nll", "eval_ppl", "eval_mean_token_accuracy", "eval_confidence", "eval_ece", "eval_ece_adaptive",
     "eval_brier", "eval_entropy", "eval_logit_gap", "eval_logit_norm", "eval_small_logit_frac", "eval_num_tokens",
 ]
-TRAIN_KEYS = ["train_loss", "train_objective", "train_nll", "train_ppl", "train_token_accuracy", "train_tokens_scored"]
+TRAIN_KEYS = ["train_loss", "train_objective", "train_nll", "train_ppl", "train_mean_token_accuracy",
+              "train_tokens_scored"]
 
 
 def check_metrics_file(output_dir: Path, extra_keys=()) -> dict:
@@ -44,7 +45,7 @@ def check_metrics_file(output_dir: Path, extra_keys=()) -> dict:
         assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), (key, metrics[key])
     assert metrics["eval_ppl"] == pytest.approx(math.exp(metrics["eval_nll"]), rel=1e-9)
     assert metrics["train_ppl"] == pytest.approx(math.exp(metrics["train_nll"]), rel=1e-9)
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and 0.0 <= metrics["eval_ece"] <= 1.0
+    assert 0.0 <= metrics["eval_mean_token_accuracy"] <= 1.0 and 0.0 <= metrics["eval_ece"] <= 1.0
     assert 0.0 <= metrics["eval_brier"] <= 2.0
     # The training NLL is the token-weighted mean of the logged windows, and every optimizer step is in one.
     history = json.loads((output_dir / "log_history.json").read_text())
@@ -120,7 +121,7 @@ def test_clm_full_weights_per_example(llama_dir, text_files, tmp_path, capsys):
     assert metrics["eval_num_tokens"] == oracle["num_tokens"]
     assert metrics["eval_nll"] == pytest.approx(oracle["nll"], rel=1e-5)
     assert metrics["eval_loss"] == pytest.approx(oracle["loss"], rel=1e-5)
-    assert metrics["eval_accuracy"] == pytest.approx(oracle["accuracy"], abs=1e-9)
+    assert metrics["eval_mean_token_accuracy"] == pytest.approx(oracle["accuracy"], abs=1e-9)
     # The weights trained: the saved model differs from the initial one.
     initial = AutoModelForCausalLM.from_pretrained(llama_dir)
     trained = AutoModelForCausalLM.from_pretrained(out)

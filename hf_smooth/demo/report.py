@@ -30,7 +30,7 @@ __all__ = [
 DEFAULT_METRICS = [
     ("eval_nll", "eval NLL", True),
     ("eval_ppl", "eval ppl", True),
-    ("eval_accuracy", "token acc.", False),
+    ("eval_mean_token_accuracy", "token acc.", False),
     ("eval_ece", "ECE", True),
     ("eval_ece_adaptive", "ECE (adaptive)", True),
     ("eval_brier", "Brier", True),
