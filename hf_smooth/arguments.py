@@ -117,6 +117,28 @@ class SmoothingArguments:
         default=None,
         metadata={"help": "Rows of logits processed at once by the loss (default: chosen from the shapes)."},
     )
+    smoothing_z_loss: float = field(
+        default=0.0,
+        metadata={
+            "help": "z-loss coefficient c: adds c * logsumexp(z)**2 per scored token (PaLM; Liger's lse_square_scale; "
+            "1e-4 is usual), with any smoothing_method. Logged as z_loss. 0 (default) turns it off."
+        },
+    )
+    smoothing_num_classes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Only class ids below this get smoothing mass and count in MaxSup's mean and in K (both "
+            "conventions); the others stay in the softmax and the NLL. For an embedding matrix padded past the "
+            "tokenizer (Qwen: 151936 rows, 151665 tokens) set len(tokenizer); the recipes do. Default: all."
+        },
+    )
+    smoothing_exclude_ids: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Class ids left out of smoothing like those >= smoothing_num_classes (e.g. the pad or special "
+            "tokens). A label may be one of them: its one-hot part still applies."
+        },
+    )
     smoothing_eval_diagnostics: bool = field(
         default=True,
         metadata={
@@ -189,6 +211,28 @@ class SmoothingArguments:
             raise ValueError(f"smoothing_chunk_size must be a positive number of rows, got {self.smoothing_chunk_size}.")
         if self.smoothing_ece_bins < 1:
             raise ValueError(f"smoothing_ece_bins must be >= 1, got {self.smoothing_ece_bins}.")
+        self._validate_family()
+
+    def _validate_family(self) -> None:
+        """z-loss and the smoothing classes (the vocabulary bound is checked against the logits by the loss)."""
+        z_loss = self.smoothing_z_loss
+        if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not (
+            math.isfinite(z_loss) and z_loss >= 0
+        ):
+            raise ValueError(f"smoothing_z_loss must be a finite number >= 0 (e.g. 1e-4), got {z_loss!r}.")
+        count = self.smoothing_num_classes
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError(
+                f"smoothing_num_classes must be a positive int (the number of real classes, e.g. len(tokenizer)), "
+                f"got {count!r}."
+            )
+        ids = self.smoothing_exclude_ids
+        if ids is not None:
+            if isinstance(ids, (str, int)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+            ):
+                raise ValueError(f"smoothing_exclude_ids must be a list of class ids (ints >= 0), got {ids!r}.")
+            self.smoothing_exclude_ids = list(ids)
 
     # ---- transformers' label_smoothing_factor --------------------------------------------------------------------
 
@@ -297,8 +341,15 @@ class SmoothingArguments:
         return text
 
     def loss_knobs(self, alpha: float) -> dict:
-        """Keyword arguments of `hf_smooth.smoothed_cross_entropy` for the current strength."""
-        return get_method(self.smoothing_method).knobs(alpha, self.smoothing_convention)
+        """Keyword arguments of `hf_smooth.smoothed_cross_entropy` for the current strength (with the z-loss and
+        the smoothing classes)."""
+        knobs = get_method(self.smoothing_method).knobs(alpha, self.smoothing_convention)
+        knobs.update(
+            z_loss=float(self.smoothing_z_loss),
+            num_classes=self.smoothing_num_classes,
+            exclude_ids=self.smoothing_exclude_ids or None,
+        )
+        return knobs
 
 
 @dataclass

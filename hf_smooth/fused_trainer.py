@@ -26,7 +26,7 @@ import inspect
 import torch
 from torch import nn
 
-from .modeling import align_targets, is_encoder_decoder, unwrap_model
+from .modeling import align_targets, align_weights, is_encoder_decoder, unwrap_model
 
 __all__ = ["FusedRoute", "fused_unsupported_reason"]
 
@@ -79,7 +79,7 @@ class FusedRoute:
         self.steps = 0
 
     def __call__(self, model, inputs, labels, shift_labels, knobs, num_items_in_batch, *, shift, ignore_index,
-                 chunk_size):
+                 chunk_size, weights=None):
         """One training forward scored by the fused loss: ``(loss, LossComponents, outputs)``."""
         from .fused import LogitTransform, OutputHead
 
@@ -106,9 +106,15 @@ class FusedRoute:
             targets = align_targets(
                 labels, shift_labels, shift=shift, sequence_length=hidden.shape[-2], ignore_index=ignore_index
             ).to(hidden.device)
+            shifted = shift_labels is not None
+            weights = align_weights(
+                weights, shift_labels if shifted else labels, shifted_labels=shifted, shift=shift,
+                sequence_length=hidden.shape[-2],
+            )
             loss, parts = head.loss(
                 hidden, targets, **knobs, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
                 chunk_size=chunk_size, return_components=True,
+                weights=None if weights is None else weights.to(hidden.device),
             )
         self.steps += 1
         return loss, parts, outputs

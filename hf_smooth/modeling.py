@@ -16,6 +16,7 @@ __all__ = [
     "loss_shifts_labels",
     "shift_targets",
     "align_targets",
+    "align_weights",
     "prepare_decoder_input_ids",
 ]
 
@@ -92,6 +93,38 @@ def align_targets(
     if labels is None:
         raise ValueError("No labels in the batch: SmoothTrainer needs 'labels' (or 'shift_labels') to compute a loss.")
     return shift_targets(labels, ignore_index) if shift else labels
+
+
+def align_weights(
+    weights: torch.Tensor | None,
+    reference: torch.Tensor | None,
+    *,
+    shifted_labels: bool,
+    shift: bool,
+    sequence_length: int | None,
+) -> torch.Tensor | None:
+    """A batch's ``loss_weights`` aligned with the targets exactly as `align_targets` aligns the labels.
+
+    ``loss_weights`` has the shape of the batch's ``labels`` (or of its ``shift_labels``, ``shifted_labels=True``,
+    then used as-is) and weights the token at the same position; it is shifted with them for causal LMs, padded with 0
+    (a weight of 0 is an ignored token). ``reference`` is the labels tensor it must match.
+    """
+    if weights is None:
+        return None
+    if reference is not None and tuple(weights.shape) != tuple(reference.shape):
+        name = "shift_labels" if shifted_labels else "labels"
+        raise ValueError(
+            f"The batch's loss_weights {tuple(weights.shape)} must have the shape of its {name} "
+            f"{tuple(reference.shape)}: one weight per label position, aligned with the labels (hf_smooth shifts "
+            "both for causal LMs)."
+        )
+    if not weights.is_floating_point():
+        weights = weights.to(torch.float32)
+    if shifted_labels:
+        if sequence_length is not None and weights.shape[-1] + 1 == sequence_length:
+            weights = F.pad(weights, (0, 1), value=0.0)
+        return weights
+    return F.pad(weights[..., 1:], (0, 1), value=0.0) if shift else weights
 
 
 def prepare_decoder_input_ids(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:

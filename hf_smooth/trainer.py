@@ -28,7 +28,7 @@ from . import _compat
 from .arguments import SmoothingArguments
 from .logs import eval_logs, previous_num_tokens, train_window_logs
 from .losses import LossComponents, smoothed_cross_entropy
-from .modeling import align_targets, is_encoder_decoder, loss_shifts_labels, prepare_decoder_input_ids, unwrap_model
+from .modeling import align_targets, align_weights, is_encoder_decoder, loss_shifts_labels, prepare_decoder_input_ids, unwrap_model
 
 __all__ = ["SmoothLossMixin", "SmoothTrainer", "SmoothSeq2SeqTrainer"]
 
@@ -97,7 +97,8 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         self._fused_routes: dict = {}  # id(unwrapped model) -> hf_smooth.fused_trainer.FusedRoute, built once
         self._fused_warned = False
         self._run_parts: torch.Tensor | None = None  # the same sums since train() began, for train_loss
-        self._warned_empty: set[str] = set()  # what has been reported as scoring no token (warned once each)
+        self._warned_empty: set[str] = set()
+        self._warned_eval_weights = False  # what has been reported as scoring no token (warned once each)
 
         _compat.check_trainer_supported(self)  # loud failure on a Trainer without the hooks the mixin relies on
         # Tag the model as TRL does (`_tag_names`): push_to_hub and the model card carry them.
@@ -133,6 +134,17 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         if key not in self._shift_cache:
             self._shift_cache[key] = loss_shifts_labels(model)
         return self._shift_cache[key]
+
+    def _weights(self, batch: dict, model: nn.Module, sequence_length: int | None = None) -> torch.Tensor | None:
+        """The batch's ``loss_weights`` aligned with `_targets` (None without them)."""
+        shifted = batch.get("shift_labels") is not None
+        return align_weights(
+            batch.get("loss_weights"),
+            batch.get("shift_labels") if shifted else batch.get("labels"),
+            shifted_labels=shifted,
+            shift=self._shift(model),
+            sequence_length=sequence_length,
+        )
 
     def _targets(self, batch: dict, model: nn.Module, sequence_length: int | None = None) -> torch.Tensor:
         return align_targets(
@@ -185,15 +197,26 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         return batch_samples, self._count_scored_tokens(batch_samples, device)
 
     def _count_scored_tokens(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Scored tokens of the accumulation window, or, when a batch carries ``loss_weights``, the window's total
+        weight (the denominator of ``sum(w * l) / sum(w)``), over all processes."""
         ignore_index = self.smoothing_args.smoothing_ignore_index
-        counts = [
-            self._targets(batch, self.model).ne(ignore_index).sum().to(device)
-            for batch in batch_samples
+        counts = []
+        weighted = False
+        for batch in batch_samples:
             # transformers' collators return a BatchEncoding (a UserDict, not a dict): accept any Mapping.
-            if isinstance(batch, Mapping) and ("labels" in batch or "shift_labels" in batch)
-        ]
+            if not (isinstance(batch, Mapping) and ("labels" in batch or "shift_labels" in batch)):
+                continue
+            scored = self._targets(batch, self.model).ne(ignore_index)
+            weights = self._weights(batch, self.model)
+            if weights is None:
+                counts.append(scored.sum().to(device))
+            else:
+                weighted = True
+                counts.append(torch.where(scored, weights.to(torch.float64), 0.0).sum().to(device))
         if not counts:
             return None
+        if weighted:
+            counts = [count.to(torch.float64) for count in counts]
         total = torch.stack(counts).sum()
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
@@ -216,6 +239,7 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         shift_labels = inputs.pop("shift_labels", None)
+        loss_weights = inputs.pop("loss_weights", None)  # per-token weights (README): never reach the model
         if labels is None and shift_labels is None:
             raise ValueError(
                 f"{type(self).__name__} needs 'labels' in every batch to compute a loss; got keys "
@@ -234,29 +258,31 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         if route is not None:
             loss, parts, outputs = route(
                 model, inputs, labels, shift_labels, knobs, num_items_in_batch, shift=self._shift(model),
-                **reduce_kwargs,
+                weights=loss_weights, **reduce_kwargs,
             )
         else:
             outputs = model(**inputs)
             logits = _logits_of(outputs)
-            targets = self._targets(
-                {"labels": labels, "shift_labels": shift_labels},
-                model,
-                sequence_length=logits.shape[-2] if logits.dim() >= 3 else None,
-            ).to(logits.device)
+            batch = {"labels": labels, "shift_labels": shift_labels, "loss_weights": loss_weights}
+            length = logits.shape[-2] if logits.dim() >= 3 else None
+            targets = self._targets(batch, model, sequence_length=length).to(logits.device)
+            weights = self._weights(batch, model, sequence_length=length)
+            weights = None if weights is None else weights.to(logits.device)
             if training:
                 loss, parts = smoothed_cross_entropy(
                     logits, targets, **knobs, num_items_in_batch=num_items_in_batch, return_components=True,
-                    **reduce_kwargs,
+                    weights=weights, **reduce_kwargs,
                 )
             else:
+                targets = self._eval_targets(targets, weights)
                 token_loss = smoothed_cross_entropy(logits, targets, **knobs, reduction="none", **reduce_kwargs)
                 count = targets.ne(options.smoothing_ignore_index).sum()
                 loss = token_loss.sum() / count.clamp(min=1)
                 self._record_eval_batch(logits, targets, token_loss)
 
         if training:
-            loss, aux_sums = self._add_router_aux_loss(model, outputs, loss, parts.num_tokens, num_items_in_batch)
+            # The micro-batch's share of the window: its weight over the window's total (token counts without weights).
+            loss, aux_sums = self._add_router_aux_loss(model, outputs, loss, parts.weight, num_items_in_batch)
             self._accumulate_train_parts(parts, aux_sums)
             if (
                 num_items_in_batch is not None
@@ -266,6 +292,20 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
                 # The count spans all ranks and DDP averages gradients over them (as Trainer.compute_loss does).
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _eval_targets(self, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Evaluation metrics are per token (calibration, accuracy, perplexity): ``loss_weights`` only mask there (a
+        weight of 0 drops the token); other weights are not applied, said once."""
+        if weights is None:
+            return targets
+        if not self._warned_eval_weights and bool(((weights != 0) & (weights != 1)).any()):
+            warnings.warn(
+                "hf_smooth: evaluation metrics are per-token means; the batch's loss_weights only drop the tokens "
+                "whose weight is 0 there (the other weights are used in training only).",
+                stacklevel=3,
+            )
+            self._warned_eval_weights = True
+        return targets.masked_fill(weights.to(targets.device) == 0, self.smoothing_args.smoothing_ignore_index)
 
     # ---- fused route ---------------------------------------------------------------------------------------------
 

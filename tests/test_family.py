@@ -456,3 +456,135 @@ def test_one_host_read_per_call_whatever_the_chunk_count(monkeypatch, path, negi
     # gradients were formed in the forward and are returned as they are then).
     expected = 1 if (path, reduction) == ("fused", "mean") else 0
     assert few[1] == many[1] == expected, (few, many)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Through SmoothTrainer: loss_weights from a collator, z-loss; accumulation invariance and the first step's oracle
+# --------------------------------------------------------------------------------------------------------------------
+
+MAX_LENGTH = 16
+TRAIN_ARGS = dict(logging_steps=1, max_steps=4, learning_rate=3e-4, disable_tqdm=True, report_to=[], use_cpu=True,
+                  seed=42)
+PROMPT_TOKENS, PROMPT_WEIGHT = 4, 0.25
+
+
+class PromptWeightingCollator:
+    """The README's example: transformers' collator, then ``loss_weights`` (shape of ``labels``) down-weighting the
+    first tokens of every row (a system prompt); the features of every micro-batch are kept for the oracle."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorForLanguageModeling
+
+        self.collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+        self.features = []
+
+    def __call__(self, features):
+        self.features.extend(features)
+        batch = self.collator(features)
+        weights = torch.ones(batch["labels"].shape)
+        weights[:, :PROMPT_TOKENS] = PROMPT_WEIGHT
+        batch["loss_weights"] = weights
+        return batch
+
+
+def _dataset():
+    import datasets
+    from collator_data import tiny_tokenizer, word
+    from tiny_models import VOCAB
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(32):
+        length = 0 if i % 9 == 4 else int(torch.randint(2, 24, (1,), generator=g))
+        lines.append(" ".join(word(int(t)) for t in torch.randint(3, VOCAB, (length,), generator=g)))
+    dataset = datasets.Dataset.from_dict({"text": lines})
+
+    def tokenize(examples):
+        return tokenizer(examples["text"], max_length=MAX_LENGTH, padding="max_length", truncation=True)
+
+    return tokenizer, dataset.map(tokenize, batched=True, remove_columns=["text"])
+
+
+class _Logs:
+    def __init__(self):
+        self.entries = []
+
+    def __call__(self):
+        from transformers import TrainerCallback
+
+        store = self.entries
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs and "grad_norm" in logs:
+                    store.append(dict(logs))
+
+        return Callback()
+
+
+def _train(tmp_path, bs, ga, method, fused):
+    from tiny_models import BUILDERS
+    from trainer_helpers import train_checking_fused
+    from transformers import set_seed
+
+    from hf_smooth import SmoothTrainer, SmoothTrainingArguments
+
+    tokenizer, dataset = _dataset()
+    collator = PromptWeightingCollator(tokenizer)
+    args = SmoothTrainingArguments(
+        str(tmp_path), **TRAIN_ARGS, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+        smoothing_method=method, smoothing_alpha=0.1, smoothing_z_loss=1e-3, smoothing_fused_loss=fused,
+    )
+    set_seed(42)
+    logs = _Logs()
+    model = BUILDERS["llama"](0)
+    trainer = SmoothTrainer(model, args, train_dataset=dataset, callbacks=[logs()], data_collator=collator)
+    train_checking_fused(trainer, model, fused)
+    return logs.entries, collator.features, tokenizer.pad_token_id
+
+
+def _oracle_first_step(features, pad_id, method):
+    """sum_t w_t * l_t / sum_t w_t over the first global batch of 8 rows, each row alone (no padding), float64."""
+    from tiny_models import BUILDERS
+
+    model = BUILDERS["llama"](0)
+    knobs = {"label_smoothing": dict(epsilon=0.1), "maxsup": dict(alpha=0.1)}[method]
+    total, weight = 0.0, 0.0
+    for feature in features[:8]:
+        length = sum(feature["attention_mask"])
+        if length < 2:
+            continue
+        ids = torch.tensor(feature["input_ids"][:length])
+        labels = ids.masked_fill(ids == pad_id, -100)
+        weights = torch.ones(length, dtype=torch.float64)
+        weights[:PROMPT_TOKENS] = PROMPT_WEIGHT
+        logits = model(input_ids=ids[None]).logits[0, :-1]
+        rows = family_rows(logits, labels[1:], **knobs, z_loss=1e-3)
+        w = torch.where(labels[1:] == -100, 0.0, weights[1:])
+        total = total + (w * rows).sum()
+        weight += float(w.sum())
+    loss = total / weight
+    loss.backward()
+    grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None))
+    return float(loss.detach()), float(grad_norm)
+
+
+@pytest.mark.parametrize("method, fused", [("maxsup", False), ("label_smoothing", True)])
+def test_weights_and_z_loss_through_the_trainer_are_accumulation_invariant(tmp_path, method, fused):
+    base, features, pad_id = _train(tmp_path / "base", 8, 1, method, fused)
+    accumulated, ga_features, _ = _train(tmp_path / "ga", 4, 2, method, fused)
+    assert len(base) == len(accumulated) == TRAIN_ARGS["max_steps"]
+    assert [f["input_ids"] for f in features[:8]] == [f["input_ids"] for f in ga_features[:8]]
+    for b, a in zip(base, accumulated):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["z_loss"] == pytest.approx(b["z_loss"], rel=1e-4) and a["z_loss"] > 0
+        assert "entropy" in a
+        # the logged objective is nll + penalty + z-loss (weighted means)
+        assert a["loss"] == pytest.approx(a["nll"] + a["smoothing_penalty"] + a["z_loss"], rel=1e-5)
+    expected_loss, expected_grad_norm = _oracle_first_step(features, pad_id, method)
+    for log in (base[0], accumulated[0]):
+        assert log["loss"] == pytest.approx(expected_loss, rel=1e-5)
+        assert log["grad_norm"] == pytest.approx(expected_grad_norm, rel=1e-4)
