@@ -273,7 +273,8 @@ def group_smoothing_options(parser: argparse.ArgumentParser) -> None:
     them) first in ``--help``, in their own group, not after the ~700 lines of TrainingArguments. Only the help layout
     changes: argparse parses every action from the parser itself, whatever group shows it."""
     group = parser.add_argument_group(
-        SMOOTHING_GROUP, "What the loss is: method, strength, schedule. The model, data and TrainingArguments options follow."
+        SMOOTHING_GROUP,
+        "What the loss is: method, strength, schedule. The model, data and TrainingArguments options follow.",
     )
     ours = [action for action in parser._actions if action.dest.startswith("smoothing_")]
     ours += [action for action in parser._actions if action.dest == "label_smoothing_factor"]

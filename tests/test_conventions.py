@@ -61,7 +61,8 @@ def test_label_smoothing_factor_is_exactly_the_label_smoothing_run(name, tmp_pat
         )
         assert len(mapped) == (1 if key == "factor" else 0), mapped
         model = BUILDERS[name](0)
-        trainer = trainer_class(model=model, args=args, train_dataset=ListDataset(examples), data_collator=PadCollator())
+        trainer = trainer_class(model=model, args=args, train_dataset=ListDataset(examples),
+                                data_collator=PadCollator())
         assert trainer.label_smoother is None
         trainer.train()
         runs[key] = (params_of(model), trainer.state.log_history[0])
@@ -73,7 +74,9 @@ def test_label_smoothing_factor_is_exactly_the_label_smoothing_run(name, tmp_pat
     assert runs["factor"][1]["loss"] == pytest.approx(expected_loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("route", ["trainer", "trainer+SmoothingArguments", "SmoothedLoss", "SmoothedLoss unregistered"])
+@pytest.mark.parametrize(
+    "route", ["trainer", "trainer+SmoothingArguments", "SmoothedLoss", "SmoothedLoss unregistered"]
+)
 def test_label_smoothing_factor_of_plain_training_arguments(route, tmp_path):
     """A plain TrainingArguments(label_smoothing_factor=0.2): SmoothTrainer (alone or with a default
     SmoothingArguments) and SmoothedLoss in a plain Trainer (as callback or not) train label smoothing 0.2, which the
@@ -199,8 +202,9 @@ def test_num_tokens_continues_after_resume(tmp_path):
         model = BUILDERS["llama"](0)
         args = plain_args(tmp_path, name=output, per_device_train_batch_size=2, gradient_accumulation_steps=1,
                           max_steps=8, learning_rate=0.1, save_strategy="steps", save_steps=4, logging_steps=2)
+        smoothing = SmoothingArguments(smoothing_method="maxsup")
         trainer = SmoothTrainer(model=model, args=args, train_dataset=ListDataset(examples),
-                                data_collator=PadCollator(), smoothing_args=SmoothingArguments(smoothing_method="maxsup"))
+                                data_collator=PadCollator(), smoothing_args=smoothing)
         trainer.train(resume_from_checkpoint=resume)
         return {log["step"]: log["num_tokens"] for log in trainer.state.log_history if "num_tokens" in log}
 
