@@ -26,7 +26,7 @@ from . import _compat
 from .arguments import SmoothingArguments
 from .logs import eval_logs, previous_num_tokens, train_window_logs
 from .losses import LossComponents, smoothed_cross_entropy
-from .modeling import align_targets, loss_shifts_labels, unwrap_model
+from .modeling import align_targets, align_weights, loss_shifts_labels, unwrap_model
 
 __all__ = ["SmoothedLoss"]
 
@@ -135,7 +135,18 @@ class SmoothedLoss(TrainerCallback):
         if model is not None and self.smoothing_args.smoothing_shift_labels is None:
             self._shift = loss_shifts_labels(model)
             self._warn_if_count_differs(model)
+        if model is not None:
+            # The Trainer passes every batch key to the model; a pre-hook takes `loss_weights` out first.
+            model.register_forward_pre_hook(self._take_loss_weights, with_kwargs=True)
         return control
+
+    def _take_loss_weights(self, _module, args, kwargs):
+        """Forward pre-hook: keep the batch's ``loss_weights`` for the loss call that follows, away from the model."""
+        if "loss_weights" not in kwargs:
+            return None
+        kwargs = dict(kwargs)
+        self._pending_weights = kwargs.pop("loss_weights")
+        return args, kwargs
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._run_parts = None
@@ -243,14 +254,28 @@ class SmoothedLoss(TrainerCallback):
             ignore_index=options.smoothing_ignore_index,
             chunk_size=options.smoothing_chunk_size,
         )
+        weights, self._pending_weights = getattr(self, "_pending_weights", None), None
+        weights = align_weights(weights, labels, shifted_labels=False, shift=self._shift, sequence_length=None)
+        weights = None if weights is None else weights.to(logits.device)
         if not torch.is_grad_enabled() and self._registered:
-            # Evaluation (Trainer.prediction_step runs under no_grad): per-token losses into the eval metrics.
+            # Evaluation (Trainer.prediction_step runs under no_grad): per-token losses into the eval metrics; there
+            # loss_weights only drop the tokens of weight 0 (as SmoothTrainer does).
+            if weights is not None:
+                targets = targets.masked_fill(weights == 0, options.smoothing_ignore_index)
             token_loss = smoothed_cross_entropy(logits, targets, reduction="none", **knobs)
             self._record_eval_batch(logits, targets, token_loss)
             count = targets.ne(options.smoothing_ignore_index).sum()
             return token_loss.sum() / count.clamp(min=1)
+        if weights is not None and num_items_in_batch is not None and not getattr(self, "_warned_weights", False):
+            warnings.warn(
+                "SmoothedLoss with loss_weights: transformers' Trainer hands compute_loss_func a token count, so the "
+                "loss is sum(w * l) / (scored tokens of the window), not / sum(w) (still exact under accumulation and "
+                "several processes). SmoothTrainer divides by the window's total weight.",
+                stacklevel=2,
+            )
+            self._warned_weights = True
         loss, parts = smoothed_cross_entropy(
-            logits, targets, num_items_in_batch=num_items_in_batch, return_components=True, **knobs
+            logits, targets, num_items_in_batch=num_items_in_batch, return_components=True, weights=weights, **knobs
         )
         if torch.is_grad_enabled() and self._registered:
             vector = parts.to_vector().double()

@@ -312,8 +312,25 @@ class DataSourceArguments:
     validation_file: str | None = field(default=None, metadata={"help": "Local validation file (same format)."})
 
 
+def smoothing_classes_from_tokenizer(model, training_args, tokenizer) -> None:
+    """Smooth over the tokenizer's vocabulary only: when the model's output layer has more rows than
+    ``len(tokenizer)`` (embedding matrices padded to a multiple, as Qwen's 151,936 rows for 151,665 tokens), set
+    ``smoothing_num_classes = len(tokenizer)`` unless it was given, and say so in one line. The padded rows stay in
+    the softmax; they get no smoothing mass and leave MaxSup's mean and K."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    rows = getattr(getattr(output, "weight", None), "shape", [None])[0] or getattr(model.config, "vocab_size", None)
+    if rows is None or getattr(training_args, "smoothing_num_classes", 0) is not None or tokenizer is None:
+        return
+    if rows > len(tokenizer):
+        training_args.smoothing_num_classes = len(tokenizer)
+        print(f"Smoothing over the tokenizer's {len(tokenizer):,} tokens: the output layer has {rows:,} rows "
+              f"(smoothing_num_classes={len(tokenizer)}; the padded rows get no smoothing mass).", flush=True)
+
+
 def build_trainer(trainer_class, model, training_args, train, evaluation, tokenizer, data_collator, **extra):
-    """The recipe's trainer on its data, with the callback that logs the last step (`LogLastStepCallback`)."""
+    """The recipe's trainer on its data, with the callback that logs the last step (`LogLastStepCallback`); the
+    smoothing classes set from the tokenizer (`smoothing_classes_from_tokenizer`)."""
+    smoothing_classes_from_tokenizer(model, training_args, tokenizer)
     return trainer_class(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
         data_collator=data_collator, callbacks=[LogLastStepCallback()], **extra,

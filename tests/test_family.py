@@ -588,3 +588,86 @@ def test_weights_and_z_loss_through_the_trainer_are_accumulation_invariant(tmp_p
     for log in (base[0], accumulated[0]):
         assert log["loss"] == pytest.approx(expected_loss, rel=1e-5)
         assert log["grad_norm"] == pytest.approx(expected_grad_norm, rel=1e-4)
+
+
+def _train_smoothed_loss(tmp_path, bs, ga):
+    from tiny_models import BUILDERS
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from hf_smooth import SmoothedLoss
+
+    tokenizer, dataset = _dataset()
+    collator = PromptWeightingCollator(tokenizer)
+    args = TrainingArguments(str(tmp_path), **TRAIN_ARGS, per_device_train_batch_size=bs,
+                             gradient_accumulation_steps=ga)
+    loss = SmoothedLoss(smoothing_method="maxsup", smoothing_alpha=0.1, smoothing_z_loss=1e-3)
+    logs = _Logs()
+    set_seed(42)
+    trainer = Trainer(BUILDERS["llama"](0), args, train_dataset=dataset, data_collator=collator,
+                      compute_loss_func=loss, callbacks=[loss, logs()])
+    with pytest.warns(UserWarning, match="SmoothedLoss with loss_weights: .* token count"):
+        trainer.train()
+    return logs.entries, collator.features, tokenizer.pad_token_id
+
+
+def test_smoothed_loss_takes_loss_weights_away_from_the_model(tmp_path):
+    # The plain Trainer passes every batch key to the model; SmoothedLoss's pre-hook takes loss_weights. Its
+    # denominator is transformers' token count (said in a warning): sum(w * l) / N, still accumulation-invariant.
+    base, features, pad_id = _train_smoothed_loss(tmp_path / "base", 8, 1)
+    accumulated, _, _ = _train_smoothed_loss(tmp_path / "ga", 4, 2)
+    for b, a in zip(base, accumulated):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    # First step against the oracle with weights, divided by the token count (Trainer's num_items_in_batch).
+    from tiny_models import BUILDERS
+
+    model = BUILDERS["llama"](0)
+    total, tokens = 0.0, 0
+    for feature in features[:8]:
+        length = sum(feature["attention_mask"])
+        if length < 2:
+            continue
+        ids = torch.tensor(feature["input_ids"][:length])
+        weights = torch.ones(length, dtype=torch.float64)
+        weights[:PROMPT_TOKENS] = PROMPT_WEIGHT
+        rows = family_rows(model(input_ids=ids[None]).logits[0, :-1], ids[1:], alpha=0.1, z_loss=1e-3)
+        total = total + (weights[1:] * rows).sum()
+        tokens += length - 1
+    # the logged loss is the weighted mean (sum w*l / sum w); the gradient follows sum w*l / N
+    (total / tokens).backward()
+    grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None))
+    assert base[0]["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-4)
+
+
+def test_recipes_smooth_over_the_tokenizer_when_the_output_layer_is_padded(capsys, tmp_path):
+    from collator_data import tiny_tokenizer
+    from common import smoothing_classes_from_tokenizer
+    from tiny_models import BUILDERS
+
+    from hf_smooth import SmoothTrainingArguments
+
+    tokenizer = tiny_tokenizer()
+    model = BUILDERS["llama"](0)
+    args = SmoothTrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    smoothing_classes_from_tokenizer(model, args, tokenizer)  # as many rows as tokens: nothing to do
+    assert args.smoothing_num_classes is None and capsys.readouterr().out == ""
+    model.resize_token_embeddings(len(tokenizer) + 7, mean_resizing=False)  # padded, as Qwen's
+    smoothing_classes_from_tokenizer(model, args, tokenizer)
+    assert args.smoothing_num_classes == len(tokenizer)
+    assert f"Smoothing over the tokenizer's {len(tokenizer)} tokens" in capsys.readouterr().out
+    given = SmoothTrainingArguments(str(tmp_path), report_to=[], use_cpu=True, smoothing_num_classes=50)
+    smoothing_classes_from_tokenizer(model, given, tokenizer)  # an explicit value is kept
+    assert given.smoothing_num_classes == 50
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("smoothing_z_loss", -1e-4, "smoothing_z_loss must be a finite number >= 0"),
+    ("smoothing_z_loss", math.inf, "smoothing_z_loss must be a finite number >= 0"),
+    ("smoothing_num_classes", 0, "smoothing_num_classes must be a positive int"),
+    ("smoothing_exclude_ids", [1, -2], r"smoothing_exclude_ids must be a list of class ids \(ints >= 0\)"),
+])
+def test_bad_family_arguments_raise(tmp_path, field, value, match):
+    from hf_smooth import SmoothingArguments
+
+    with pytest.raises(ValueError, match=match):
+        SmoothingArguments(**{field: value})
