@@ -9,11 +9,14 @@ TRL's names where TRL has one (`mean_token_accuracy`, `entropy`, `num_tokens`), 
 | `nll`, `ppl` | `eval_nll`, `eval_ppl` | cross-entropy and exp(nll) |
 | `mean_token_accuracy` | `eval_mean_token_accuracy` | share of scored tokens whose argmax is the label |
 | `entropy` | `eval_entropy` | mean predictive entropy over scored tokens (nats) |
-| `num_tokens` | | scored tokens trained on so far, all processes (cumulative, as TRL's) |
-| `num_tokens_scored` | | scored tokens of this logging window, all processes |
+| `num_tokens` | | input tokens trained on so far, all processes (cumulative, TRL's meaning) |
+| `num_tokens_scored` | `eval_num_tokens` | scored tokens of this logging window / of the evaluation set |
 
-TRL's `num_tokens` counts input tokens (its attention mask, prompts included); hf_smooth's counts the tokens the
-loss scores, which is what every other number here is an average over.
+`num_tokens` is TRL's count in `SmoothTrainer`, `SmoothSeq2SeqTrainer` and `SmoothSFTTrainer` alike: the attention
+mask's tokens (prompts included), a padding-free batch's flattened length, else every input id; it continues from
+the last logged value when training resumes. `SmoothedLoss` does not log it: a ``compute_loss_func`` never sees the
+inputs (transformers' ``include_num_input_tokens_seen=True`` logs ``num_input_tokens_seen`` there). Every average
+here (loss, nll, accuracy, entropy) is over the scored tokens, which `num_tokens_scored` counts.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def previous_num_tokens(log_history: list[dict]) -> float:
     return 0.0
 
 
-def train_window_logs(means: dict[str, float] | None, *, alpha: float, num_tokens_before: float) -> dict[str, float]:
+def train_window_logs(means: dict[str, float] | None, *, alpha: float) -> dict[str, float]:
     """One training log line from the token-weighted means of a logging window (`LossComponents.means()`, all
     processes; ``objective`` when a term beyond the loss, such as the MoE aux loss, is added), or NaN everywhere when
     the window scored no token (``means=None``)."""
@@ -59,7 +62,6 @@ def train_window_logs(means: dict[str, float] | None, *, alpha: float, num_token
         "mean_token_accuracy": means["accuracy"],
         "logit_gap": means["logit_gap"],
         "num_tokens_scored": means["num_tokens"],
-        "num_tokens": num_tokens_before + means["num_tokens"],
     }
     logs.update({name: means[name] for name in _OPTIONAL if name in means})
     return logs

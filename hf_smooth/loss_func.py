@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 from . import _compat
 from .arguments import SmoothingArguments
-from .logs import eval_logs, previous_num_tokens, train_window_logs
+from .logs import eval_logs, train_window_logs
 from .losses import LossComponents, smoothed_cross_entropy
 from .modeling import align_targets, align_weights, loss_shifts_labels, unwrap_model
 
@@ -150,6 +150,13 @@ class SmoothedLoss(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._run_parts = None
+        options = self.smoothing_args
+        if "smoothing_method" in options.smoothing_explicit:
+            logger.info("hf_smooth SmoothedLoss: training with %s.", options.describe())
+        else:
+            logger.warning(
+                "hf_smooth SmoothedLoss: training with %s, the default (no smoothing_method given).", options.describe()
+            )
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -161,13 +168,6 @@ class SmoothedLoss(TrainerCallback):
         if "train_loss" in logs and getattr(self, "_run_parts", None) is not None:
             run = LossComponents.from_vector(_all_reduce(self._run_parts.clone())).means()
             extra["train_loss"] = run["loss"] if run["num_tokens"] else float("nan")
-        options = self.smoothing_args
-        if "smoothing_method" in options.smoothing_explicit:
-            logger.info("hf_smooth SmoothedLoss: training with %s.", options.describe())
-        else:
-            logger.warning(
-                "hf_smooth SmoothedLoss: training with %s, the default (no smoothing_method given).", options.describe()
-            )
         if "loss" in logs and self._parts is not None:
             extra.update(self._window_logs(state))
         if extra:
@@ -190,7 +190,6 @@ class SmoothedLoss(TrainerCallback):
         return train_window_logs(
             means,
             alpha=self.smoothing_args.alpha_for_state(state, last_step=True),
-            num_tokens_before=previous_num_tokens(state.log_history),
         )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

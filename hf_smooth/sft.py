@@ -18,7 +18,8 @@ TRL's training metrics keep their names and meanings:
   non-padding tokens, prompts included.
 - ``num_tokens``: as TRL counts it, the input tokens trained on so far over all processes (the attention mask, prompts
   included; a padding-free batch's flattened length), not only the scored ones (those are ``num_tokens_scored`` per
-  logging window). It continues from the last logged value when training resumes from a checkpoint.
+  logging window); counted by the mixin, so `SmoothTrainer` logs the same. It continues from the last logged value
+  when training resumes from a checkpoint.
 - ``aux_loss`` (mixture-of-experts): the mixin adds ``router_aux_loss_coef * aux_loss`` once, weighted by each
   micro-batch's share of the scored tokens; the model never adds it (it gets no labels), nor does TRL (its
   ``compute_loss`` is not called). ``output_router_logits=True`` is requested per call as TRL does, for the
@@ -41,34 +42,16 @@ if importlib.util.find_spec("trl") is None:
 
 from trl import SFTTrainer  # noqa: E402
 
-from .logs import previous_num_tokens  # noqa: E402
 from .trainer import SmoothLossMixin  # noqa: E402
 
 __all__ = ["SmoothSFTTrainer"]
 
 
-class _InputTokenCount:
-    """Sits between `SmoothLossMixin` and `SFTTrainer` in the method order, so that its `log` runs after the mixin
-    has written a training line and before `Trainer.log` records it: ``num_tokens`` there becomes TRL's count."""
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._input_tokens is not None:
-            # Called on every process at a logging step (the mixin all-reduces its sums here too): one collective
-            # per log instead of one per micro-batch as in TRL.
-            seen = self._input_tokens
-            if self.accelerator.num_processes > 1:
-                seen = self.accelerator.reduce(seen.clone(), reduction="sum")
-            logs["num_tokens"] = self._num_tokens_before + float(seen.item())
-        super().log(logs, start_time)
-
-
-class SmoothSFTTrainer(SmoothLossMixin, _InputTokenCount, SFTTrainer):
+class SmoothSFTTrainer(SmoothLossMixin, SFTTrainer):
     """`trl.SFTTrainer` whose loss is computed by hf_smooth; takes the smoothing configuration as `SmoothTrainer`
     does (``smoothing_args=SmoothingArguments(...)``; the `SFTConfig` keeps TRL's own options)."""
 
     def __init__(self, *args, **kwargs):
-        self._input_tokens: torch.Tensor | None = None  # this process's input tokens since train() began
-        self._num_tokens_before = 0.0  # num_tokens of the last log before train() began (a resumed run's)
         # TRL's other losses (loss_type="dft") live in SFTTrainer.compute_loss, which never runs here. Checked before
         # SFTTrainer.__init__, which turns "dft" into a compute_loss_func in trl 1.0.
         config = kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
@@ -85,10 +68,6 @@ class SmoothSFTTrainer(SmoothLossMixin, _InputTokenCount, SFTTrainer):
             warnings.filterwarnings("ignore", message="`label_smoothing_factor` is deprecated", category=FutureWarning)
             super().__init__(*args, **kwargs)
 
-    def train(self, *args, **kwargs):
-        self._input_tokens = None
-        return super().train(*args, **kwargs)
-
     def compute_loss(
         self,
         model: nn.Module,
@@ -102,29 +81,6 @@ class SmoothSFTTrainer(SmoothLossMixin, _InputTokenCount, SFTTrainer):
         inputs["use_cache"] = False  # as SFTTrainer.compute_loss: no KV cache in training (gradient checkpointing)
         if getattr(self, "aux_loss_enabled", False):
             inputs["output_router_logits"] = True
-        if model.training:
-            self._count_input_tokens(inputs)
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-
-    def _count_input_tokens(self, inputs: dict[str, Any]) -> None:
-        """TRL's ``num_tokens``: the non-padding input tokens of the batch (the flattened length of a padding-free
-        batch), accumulated on the device; summed over the processes when logged."""
-        if inputs.get("attention_mask") is not None:
-            count = inputs["attention_mask"].sum()
-        elif inputs.get("position_ids") is not None:
-            position_ids = inputs["position_ids"]
-            count = torch.tensor(position_ids.size(-1), device=position_ids.device)
-        else:
-            raise ValueError(
-                "SmoothSFTTrainer counts num_tokens from 'attention_mask' or, for padding-free batches, 'position_ids'; "
-                f"the batch has neither (keys: {sorted(inputs)}). Use TRL's collator or add an attention_mask."
-            )
-        count = count.to(torch.int64)
-        if self._input_tokens is None:
-            # First batch of this train(): the trainer state (a resumed run's log history) is loaded by now.
-            self._num_tokens_before = previous_num_tokens(self.state.log_history)
-            self._input_tokens = count
-        else:
-            self._input_tokens = self._input_tokens + count

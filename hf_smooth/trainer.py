@@ -97,6 +97,8 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         self._fused_routes: dict = {}  # id(unwrapped model) -> hf_smooth.fused_trainer.FusedRoute, built once
         self._fused_warned = False
         self._run_parts: torch.Tensor | None = None  # the same sums since train() began, for train_loss
+        self._input_tokens: torch.Tensor | None = None  # this process's input tokens since train() began (num_tokens)
+        self._num_tokens_before = 0.0  # num_tokens of the last log before train() began (a resumed run's)
         self._warned_empty: set[str] = set()
         self._warned_eval_weights = False  # what has been reported as scoring no token (warned once each)
 
@@ -161,6 +163,7 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         # evaluate() before train() must not leave the model without its DDP wrapper (see _compat).
         _compat.undo_evaluation_only_prepare(self)
         self._run_parts = None
+        self._input_tokens = None
         self._announce_smoothing()
         output = super().train(*args, **kwargs)
         # `log` replaced metrics["train_loss"] by the token-weighted objective; TrainOutput carries the old mean.
@@ -222,6 +225,38 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
             total = self.accelerator.reduce(total, reduction="sum")
         return total
 
+    def _count_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """TRL's ``num_tokens``: the batch's non-padding input tokens (``attention_mask``), a padding-free batch's
+        flattened length (``position_ids``), else every input id; accumulated on the device, summed over the
+        processes when logged (`log`)."""
+        if inputs.get("attention_mask") is not None:
+            count = inputs["attention_mask"].sum()
+        elif inputs.get("position_ids") is not None:
+            position_ids = inputs["position_ids"]
+            count = torch.tensor(position_ids.size(-1), device=position_ids.device)
+        elif inputs.get("input_ids") is not None:
+            count = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+        else:  # inputs_embeds only: one token per embedded position
+            embeds = inputs.get("inputs_embeds")
+            count = torch.tensor(0 if embeds is None else embeds.shape[:-1].numel())
+        count = count.to(torch.int64)
+        if self._input_tokens is None:
+            # First batch of this train(): the trainer state (a resumed run's log history) is loaded by now.
+            self._num_tokens_before = previous_num_tokens(self.state.log_history)
+            self._input_tokens = count
+        else:
+            self._input_tokens = self._input_tokens + count.to(self._input_tokens.device)
+
+    def _num_tokens(self) -> float:
+        """Input tokens trained on so far over all processes, continuing a resumed run's count. Called at a logging
+        step on every process (one collective per log, not per micro-batch as in TRL)."""
+        if self._input_tokens is None:
+            return self._num_tokens_before
+        seen = self._input_tokens
+        if self.accelerator.num_processes > 1:
+            seen = self.accelerator.reduce(seen.clone(), reduction="sum")
+        return self._num_tokens_before + float(seen.item())
+
     # ---- the loss ------------------------------------------------------------------------------------------------
 
     def compute_loss(
@@ -237,6 +272,8 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         micro-batch's own count is (the eval metrics are re-weighted by tokens over the whole set anyway).
         """
         inputs = dict(inputs)
+        if model.training:
+            self._count_input_tokens(inputs)
         labels = inputs.pop("labels", None)
         shift_labels = inputs.pop("shift_labels", None)
         loss_weights = inputs.pop("loss_weights", None)  # per-token weights (README): never reach the model
@@ -409,9 +446,9 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
                 train_window_logs(
                     means,
                     alpha=self.smoothing_args.alpha_for_state(self.state, last_step=True),
-                    num_tokens_before=previous_num_tokens(self.state.log_history),
                 )
             )
+            logs["num_tokens"] = self._num_tokens()
             if totals[len(LossComponents.FIELDS):].abs().sum() > 0 or self._has_router_aux():
                 logs["aux_loss"] = float("nan") if means is None else means["aux_loss"]
         if "train_loss" in logs and self._run_parts is not None:
