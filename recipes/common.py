@@ -898,8 +898,8 @@ def training_summary(log_history: list[dict]) -> dict:
     tokens = sum(log["num_tokens_scored"] for log in windows)
     summary = {"train_tokens_scored": tokens}
 
-    def objective(log):
-        return log["nll"] + log["smoothing_penalty"]
+    def objective(log):  # the loss being minimized, as logged: NLL + smoothing penalty + z-loss
+        return log["nll"] + log["smoothing_penalty"] + log.get("z_loss", 0.0)
 
     if tokens:
         for name, value in (("train_objective", objective), ("train_nll", lambda log: log["nll"]),
