@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import triton_kernels
 from .methods import get_method
 from .losses import (
     Coefficients,
@@ -180,12 +181,17 @@ class _Workspace:
     later the gradient cast for the ``dh`` GEMM. Peak: one float32 chunk plus one block (plus half a chunk for
     bf16/fp16). Reusing the buffers matters on CPU: a fresh 100 MiB tensor per chunk is a fresh ``mmap``, and faulting
     its pages in made the whole step about 12% slower (V=128256).
+
+    With the Triton kernel (`hf_smooth.triton_kernels`: CUDA, Triton installed, coefficients it covers) the whole
+    chunk is one block: `logits` leaves the raw GEMM output (in ``low`` for bf16/fp16), the kernel reads it, applies
+    the scale and soft-cap on the fly and writes the gradient into ``z``, in one launch; no ``work`` temporary.
     """
 
-    def __init__(self, rows: int, block_rows: int, vocab_size: int, cdtype, dtype, device):
-        self.block_rows = max(1, min(block_rows, rows))
+    def __init__(self, rows: int, block_rows: int, vocab_size: int, cdtype, dtype, device, coefs=None):
+        self.kernel = coefs is not None and triton_kernels.kernel_enabled(device) and triton_kernels.covers(coefs)
+        self.block_rows = rows if self.kernel else max(1, min(block_rows, rows))
         self.z = torch.empty(rows, vocab_size, dtype=cdtype, device=device)
-        self.work = torch.empty(self.block_rows, vocab_size, dtype=cdtype, device=device)
+        self.work = None if self.kernel else torch.empty(self.block_rows, vocab_size, dtype=cdtype, device=device)
         self.low = None if dtype == cdtype else torch.empty(rows, vocab_size, dtype=dtype, device=device)
 
     def logits(self, x, weight, bias, head: LogitTransform) -> torch.Tensor:
@@ -197,6 +203,8 @@ class _Workspace:
             torch.mm(x, weight.t(), out=out)
         else:
             torch.addmm(bias, x, weight.t(), out=out)
+        if self.kernel:
+            return out  # the kernel upcasts, scales and soft-caps as it reads
         if self.low is not None:
             z.copy_(out)
         return head.transform_(z)
@@ -205,19 +213,30 @@ class _Workspace:
         """Row slices of the current chunk, ``block_rows`` at a time."""
         return _chunks(rows, self.block_rows)
 
-    def forward(self, z, target, coefs):
-        """`chunk_forward` on one block of logits, with ``work`` as its temporary."""
+    def forward(self, z, target, coefs, head: LogitTransform, row_scale=None):
+        """`chunk_forward` on one block of logits (``work`` its temporary); with ``row_scale``, then `logit_grad_`.
+        The one dispatch point to the Triton kernel in the forward: there both are one launch."""
         n = z.shape[0]
-        return chunk_forward(z, target, z.new_ones(n, dtype=torch.bool), coefs, workspace=self.work[:n])
+        if self.kernel:
+            grad_out = None if row_scale is None else self.z[:n]
+            return triton_kernels.chunk_forward(z, target, coefs, head, grad_out=grad_out, row_scale=row_scale)
+        result = chunk_forward(z, target, z.new_ones(n, dtype=torch.bool), coefs, workspace=self.work[:n])
+        if row_scale is not None:
+            self.logit_grad_(z, target, result[0], coefs, head, row_scale)
+        return result
 
     def logit_grad_(self, z, target, stats, coefs, head: LogitTransform, row_scale) -> None:
-        """Overwrite one block of logits with ``d loss / d (x @ W.T + b)``."""
+        """Overwrite one block of logits with ``d loss / d (x @ W.T + b)`` (into ``z`` of this workspace)."""
+        if self.kernel:
+            triton_kernels.chunk_logit_grad_(z, target, stats, coefs, head, row_scale, out=self.z[: z.shape[0]])
+            return
         out = z if head.cap is None else self.work[: z.shape[0]]
         head.chain_into_(z, chunk_logit_grad(z, target, stats, coefs, row_scale, out=out))
 
     def accumulate(self, grad, x, positions, weight, grads, needs) -> None:
         """Add one chunk's gradient to ``grads = [dh, dW, db]`` (``dh`` rows written, the others summed)."""
         grad_hidden, grad_weight, grad_bias = grads
+        grad = self.z[: grad.shape[0]]  # the same buffer, unless the kernel read the raw GEMM output from `low`
         if needs[0]:
             low = grad if self.low is None else self.low[: grad.shape[0]].copy_(grad)
             # (W.T @ g.T).T rather than g @ W: the same product, measured ~10-25% faster with MKL for these shapes
@@ -308,14 +327,21 @@ class _FusedLinearSmoothedLoss(torch.autograd.Function):
             grads = _zero_grads(hidden, weight, cdtype, plan.needs)
             # grad_output = 1 here; d loss / d row is 1 / denominator (mean) or 1 (sum), times the logit scale.
             factor = head.scale / denominator if denominator is not None else head.scale
-        ws = _Workspace(min(plan.rows, num_scored), plan.block_rows, weight.shape[0], cdtype, hidden.dtype, device)
+        ws = _Workspace(min(plan.rows, num_scored), plan.block_rows, weight.shape[0], cdtype, hidden.dtype, device,
+                        coefs)
         for rows in _chunks(num_scored, plan.rows):
             x = hidden.index_select(0, positions[rows])
             z = ws.logits(x, weight, bias, head)
             for block in ws.blocks(z.shape[0]):
                 zb = z[block]
                 at = slice(rows.start + block.start, rows.start + block.stop)  # the block's scored rows
-                stats, loss_rows, part_rows = ws.forward(zb, target[at], coefs)
+                row_scale = None
+                if plan.grad_in_forward:
+                    row_scale = torch.full((zb.shape[0],), factor, dtype=cdtype, device=device)
+                    if row_weights is not None:
+                        row_scale = row_scale * row_weights[at]
+                # The gradient too when row_scale is given (one kernel launch on CUDA).
+                stats, loss_rows, part_rows = ws.forward(zb, target[at], coefs, head, row_scale)
                 part_rows = torch.stack(part_rows)
                 if row_weights is not None:
                     loss_rows, part_rows = loss_rows * row_weights[at], part_rows * row_weights[at]
@@ -323,11 +349,6 @@ class _FusedLinearSmoothedLoss(torch.autograd.Function):
                 parts[:, at] = part_rows
                 if keep_stats:
                     lse[at], argmax[at], k[at], has_neginf[at] = stats.lse, stats.argmax, stats.k, stats.has_neginf
-                if plan.grad_in_forward:
-                    row_scale = torch.full_like(stats.lse, factor)
-                    if row_weights is not None:
-                        row_scale = row_scale * row_weights[at]
-                    ws.logit_grad_(zb, target[at], stats, coefs, head, row_scale)
             if plan.grad_in_forward:
                 ws.accumulate(z, x, positions[rows], weight, grads, plan.needs)
         del ws
@@ -405,7 +426,8 @@ def _recompute_grads(ctx, grad_out):
 
     grads = _zero_grads(hidden, weight, cdtype, plan.needs)
     num_scored = positions.shape[0]
-    ws = _Workspace(min(plan.rows, num_scored), plan.block_rows, weight.shape[0], cdtype, hidden.dtype, hidden.device)
+    ws = _Workspace(min(plan.rows, num_scored), plan.block_rows, weight.shape[0], cdtype, hidden.dtype, hidden.device,
+                    ctx.coefs)
     for rows in _chunks(num_scored, plan.rows):
         x = hidden.index_select(0, positions[rows])
         z = ws.logits(x, weight, bias, plan.head)
@@ -700,6 +722,7 @@ class OutputHead:
     def __init__(self, module: nn.Module, transform: LogitTransform | None = None):
         self.module = module
         self.transform = transform or LogitTransform()
+        self.fallback_reason: str | None = None  # set by `loss`: why it used the materialized logits, or None
 
     def linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | str:
         return output_layer_weights(self.module)
@@ -710,6 +733,7 @@ class OutputHead:
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, *, method=None, epsilon=None, alpha=None, **kwargs):
         """[`fused_linear_smoothed_loss`] of this head; keyword arguments as there (without bias, scale, cap)."""
         weights = self.linear()
+        self.fallback_reason = weights if isinstance(weights, str) else None
         if isinstance(weights, str):
             warnings.warn(
                 f"hf_smooth fused loss: {weights}; falling back to module(hidden) and smoothed_cross_entropy "

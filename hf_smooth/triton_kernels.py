@@ -17,17 +17,19 @@ Liger-Kernel's cross-entropy kernel, written here for the loss family of `hf_smo
 Here ``s`` is the raw ``h @ W.T + b`` (any float dtype: the bf16 GEMM output is read directly, without the float32
 copy the torch path makes) and ``z = cap * tanh(scale * s / cap)`` is formed on the fly in both passes
 (`fused.LogitTransform`); the logit ``scale`` itself is folded into ``row_scale`` by the caller, as for
-`losses.chunk_logit_grad`. Arithmetic is float32 (float64 for float64 input). The per-row results are assembled
-into the loss parts by `losses.chunk_forward`'s own formulas on ``(rows,)`` vectors, so the loss maths stays in one
+`losses.chunk_logit_grad`. Arithmetic is float32 (float64 for float64 input). The per-row results become the loss
+parts through `losses.row_parts`, the formulas `losses.chunk_forward` itself uses, so the loss maths stays in one
 place; the rules of `hf_smooth.losses` hold: ``-inf`` entries are absent from ``K`` and the mean and get zero
-gradient, ``-inf`` at the label gives ``+inf`` loss, NaN or ``+inf`` in a row gives a NaN loss, ignored rows
-(``label == ignore_index``) are never read and get zero outputs and a zero gradient row. A row's ``argmax`` is the
-first maximal entry, as ``torch.max``'s.
+gradient, ``-inf`` at the label gives ``+inf`` loss, NaN or ``+inf`` in a row gives a NaN loss, ignored rows (``label
+== ignore_index``) are never read and get zero outputs and a zero gradient row. A row's ``argmax`` is the first
+maximal entry, as ``torch.max``'s.
 
 When it runs (`kernel_enabled`): on CUDA tensors when Triton imports (one info log when it does not: the torch path
 runs). ``HF_SMOOTH_TRITON=0`` turns it off; ``HF_SMOOTH_TRITON=1`` forces it on for any device, which on CPU tensors
 needs Triton's interpreter (``TRITON_INTERPRET=1``; that is how tests/test_triton_kernel.py checks it without a GPU).
-Options it does not cover run on the torch path (see ``fused._Workspace``).
+It covers every option of the fused loss (LS both conventions, MaxSup, z-loss, per-token weights through the row
+scale, logit scale and soft-cap) except smoothing classes (``num_classes`` / ``exclude_ids``): those calls run on the
+torch path, with one info log (`covers`). The dispatch is ``fused._Workspace`` (`forward`, `logit_grad_`).
 """
 
 from __future__ import annotations
@@ -175,29 +177,31 @@ def logit_grad_(src, labels, lse, argmax, k, coefs, row_scale, *, out, ignore_in
 
 def chunk_forward(src, target, coefs, head, *, grad_out=None, row_scale=None, ignore_index=-100):
     """`losses.chunk_forward` of ``head.apply(src)`` in one launch: ``(stats, row_loss, row_parts)``; with ``grad_out``
-    also `chunk_logit_grad` chained through the soft-cap (``d loss / d src``, times ``row_scale``) written there."""
-    from .losses import RowStats
+    also `losses.chunk_logit_grad` chained through the soft-cap (``d loss / d src``, times ``row_scale``) written
+    there. ``coefs.z_loss`` is covered; smoothing classes (``coefs.classes``) are not (`covers`)."""
+    from .losses import row_parts
 
     values, argmax = row_reductions(src, target, coefs, ignore_index=ignore_index, scale=head.scale, cap=head.cap,
-                                    grad_out=grad_out, row_scale=row_scale)
-    zmax, log_sum, zsum, k, z_y, _entropy = values.unbind(0)
-    lse = log_sum + zmax
-    zmean = zsum / k
-    # As losses.chunk_forward from here on: the same formulas on the kernel's reductions.
-    eps = coefs.smoothing(k)
-    nll = (zmax - z_y) + log_sum
-    regularizer = coefs.alpha * (zmax - zmean)
-    if torch.is_tensor(eps) or eps != 0.0:
-        regularizer = regularizer + eps * (z_y - zmean)
-    row_loss = torch.where(torch.isposinf(nll), nll, nll + regularizer)
-    top1 = log_sum.neg().exp()
-    correct = (argmax == target).to(zmax.dtype)
-    gap = zmax - zmean
-    stats = RowStats(lse, argmax, k, k < src.shape[-1])
-    return stats, row_loss, (nll, regularizer, top1, correct, gap)
+                                    z_loss=coefs.z_loss, grad_out=grad_out, row_scale=row_scale)
+    zmax, log_sum, zsum, k, z_y, entropy = values.unbind(0)
+    return row_parts(zmax, argmax, log_sum, zsum, k, z_y, entropy, k < src.shape[-1], target, coefs)
 
 
 def chunk_logit_grad_(src, target, stats, coefs, head, row_scale, *, out, ignore_index=-100):
     """`losses.chunk_logit_grad` chained through ``head`` (`fused.LogitTransform.chain_into_`), from saved stats."""
     return logit_grad_(src, target, stats.lse, stats.argmax, stats.k, coefs, row_scale, out=out,
-                       ignore_index=ignore_index, scale=head.scale, cap=head.cap)
+                       ignore_index=ignore_index, scale=head.scale, cap=head.cap, z_loss=coefs.z_loss)
+
+
+def covers(coefs) -> bool:
+    """Whether the kernel computes these coefficients: everything but smoothing classes (``num_classes`` /
+    ``exclude_ids``), which run on the torch path (one info log)."""
+    if getattr(coefs, "classes", None) is None:
+        return True
+    _log_fallback("smoothing classes (num_classes / exclude_ids)")
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(option: str) -> None:
+    logger.info("hf_smooth: the Triton kernel does not cover %s; the fused loss uses its torch path.", option)

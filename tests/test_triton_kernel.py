@@ -93,7 +93,8 @@ def _oracle(s, labels, epsilon, alpha, convention, head: LogitTransform, row_wei
 
 
 def _rel(actual, expected):
-    return float((actual.detach().to(torch.float64) - expected).abs().max() / expected.abs().max().clamp(min=1e-30))
+    actual, expected = actual.detach().to(torch.float64), expected.detach()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-30))
 
 
 def table_cases():
@@ -106,8 +107,8 @@ def table_cases():
             for d, dtype in enumerate(DTYPES):
                 for small_blocks in (0, 1):
                     marks = () if (i, h, d, small_blocks) in default else (pytest.mark.slow,)
-                    cases.append(pytest.param(method, head, dtype, bool(small_blocks), marks=marks,
-                                              id=f"{method}-{head}-{str(dtype[0])[6:]}-{'many' if small_blocks else 'one'}"))
+                    name = f"{method}-{head}-{str(dtype[0])[6:]}-{'many' if small_blocks else 'one'}"
+                    cases.append(pytest.param(method, head, dtype, bool(small_blocks), marks=marks, id=name))
     return cases
 
 
@@ -144,7 +145,8 @@ def test_forward_and_gradient_against_oracle(method, head, dtype, small_blocks, 
     assert _rel(row_loss[valid], expected_rows[valid]) < tol
     assert _rel(src, expected_grad) < tol  # written in place over the logits, zero on ignored rows
     assert bool((src[~valid] == 0).all())
-    nll, regularizer, top1, correct, gap = parts
+    nll, regularizer, top1, correct, gap, z_loss, entropy = parts
+    assert bool((z_loss == 0).all())
     torch.testing.assert_close((nll + regularizer)[valid], row_loss[valid], rtol=tol, atol=0)
     z = transform.apply(s.to(torch.float64))
     assert torch.equal(stats.argmax[valid], z[valid].argmax(-1))
@@ -152,6 +154,8 @@ def test_forward_and_gradient_against_oracle(method, head, dtype, small_blocks, 
     assert torch.equal(stats.has_neginf[valid], torch.isneginf(z[valid]).any(-1))
     torch.testing.assert_close(stats.lse[valid].double(), torch.logsumexp(z[valid], -1), rtol=tol, atol=0)
     torch.testing.assert_close(top1[valid].double(), z[valid].softmax(-1).max(-1).values, rtol=tol, atol=0)
+    p = z[valid].softmax(-1)
+    assert _rel(entropy[valid], -torch.where(p > 0, p * p.log(), 0.0).sum(-1)) < tol
 
 
 @interpreted
@@ -188,7 +192,8 @@ def test_low_precision_input_reads_directly():
     ref_stats, ref_loss, _ = tk.chunk_forward(ref, labels, coefs, transform, grad_out=ref, row_scale=torch.ones(5),
                                               ignore_index=IGNORE)
     assert torch.equal(row_loss, ref_loss) and torch.equal(grad, ref)
-    expected_rows, expected_grad = _oracle(s_bf16, labels, 0.1, 0.0, "uniform", transform, torch.ones(5, dtype=torch.float64))
+    ones = torch.ones(5, dtype=torch.float64)
+    expected_rows, expected_grad = _oracle(s_bf16, labels, 0.1, 0.0, "uniform", transform, ones)
     valid = labels != IGNORE
     assert _rel(row_loss[valid], expected_rows[valid]) < 2e-6
     assert _rel(grad, expected_grad) < 2e-6
@@ -209,7 +214,7 @@ def test_neg_inf_at_the_label(method, cdtype, tol):
     labels = torch.tensor([1])
     coefs = _coefs(epsilon, alpha, convention)
     grad = torch.empty_like(s)
-    _, row_loss, (nll, _, _, _, _) = tk.chunk_forward(s, labels, coefs, LogitTransform(), grad_out=grad,
+    _, row_loss, (nll, *_) = tk.chunk_forward(s, labels, coefs, LogitTransform(), grad_out=grad,
                                                       row_scale=torch.ones(1, dtype=cdtype), ignore_index=IGNORE)
     assert torch.isposinf(row_loss).all() and torch.isposinf(nll).all()
     # Hand closed form, float64: K = 4 present entries, eps' = eps * K / (K - 1) for fairseq.
@@ -238,26 +243,23 @@ def test_nan_and_posinf_rows_give_nan_loss():
 
 @interpreted
 @pytest.mark.parametrize(("cdtype", "tol"), DTYPES)
-def test_z_loss_gradient_and_entropy(cdtype, tol, monkeypatch):
-    """The z-loss term ``c * lse^2`` (gradient ``2 c lse softmax``) and the entropy output, against autograd and
-    ``-sum p log p`` in float64; across several blocks."""
+def test_z_loss(cdtype, tol, monkeypatch):
+    """PaLM's z-loss ``c * lse^2`` (gradient ``2 c lse softmax``) on top of LS, values and gradients against autograd
+    in float64; across several blocks."""
     monkeypatch.setattr(tk, "_MAX_BLOCK", {torch.float32: 16, torch.float64: 16})
     c = 1e-3
     s, labels = _inputs(5, 40, seed=9, dtype=cdtype, ignored=False)
     s = s * 4.0  # lse well away from 0
     s64 = s.to(torch.float64).requires_grad_(True)
-    rows = smoothed_rows(s64, labels, epsilon=0.1) if not bool(torch.isneginf(s64).any()) else drop_masked_vocabulary(
-        s64, labels, epsilon=0.1
-    )
-    lse = torch.logsumexp(s64, -1)
-    (rows + c * lse**2).sum().backward()
+    rows = drop_masked_vocabulary(s64, labels, epsilon=0.1) + c * torch.logsumexp(s64, -1) ** 2
+    rows.sum().backward()
     grad = s.clone()
-    values, _ = tk.row_reductions(grad, labels, _coefs(0.1, 0.0, "uniform"), z_loss=c, grad_out=grad,
-                                  row_scale=torch.ones(5, dtype=cdtype))
+    coefs = Coefficients(epsilon=0.1, z_loss=c)
+    _, row_loss, parts = tk.chunk_forward(grad, labels, coefs, LogitTransform(), grad_out=grad,
+                                          row_scale=torch.ones(5, dtype=cdtype))
+    assert _rel(row_loss, rows) < tol
+    assert _rel(parts[5], c * torch.logsumexp(s64, -1) ** 2) < tol
     assert _rel(grad, s64.grad) < tol
-    p = s.to(torch.float64).softmax(-1)
-    entropy = -torch.where(p > 0, p * p.log(), 0.0).sum(-1)
-    assert _rel(values[5], entropy) < tol
 
 
 @interpreted
@@ -318,6 +320,14 @@ def test_kernel_enabled_switch(monkeypatch, caplog):
         tk.kernel_enabled(cuda)
 
 
+def test_smoothing_classes_fall_back_to_torch(caplog):
+    tk._log_fallback.cache_clear()
+    assert tk.covers(Coefficients(epsilon=0.1, z_loss=1e-4))
+    with caplog.at_level(logging.INFO, logger=tk.__name__):
+        assert not tk.covers(Coefficients(epsilon=0.1, classes=torch.ones(5)))
+    assert "does not cover smoothing classes" in caplog.text
+
+
 def _compile_for_h100(**constexprs):
     """Compile the kernel (not interpreted: a fresh copy of its module, loaded with TRITON_INTERPRET=0) to a cubin for
     sm_90 with Triton's bundled ptxas; no GPU needed."""
@@ -368,8 +378,72 @@ def test_interpreted_tests_in_a_subprocess(marker):
     """The @interpreted tests of this file, in a child pytest with TRITON_INTERPRET=1 (see `interpreted`)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", marker,
-               "-k", "not compiles_for and not in_a_subprocess and not kernel_enabled and not table_is_not_empty"]
+               "-k", "not compiles_for and not in_a_subprocess and not kernel_enabled and not is_not_empty"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
     assert " passed" in summary and "skipped" not in summary, summary  # every collected case ran
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The fused path with the kernel forced on: tests/test_fused.py's own oracle tables (the unfused path as reference)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts kernel launches, so a test proves the kernel ran instead of inferring it."""
+    calls = []
+    real = tk._launch
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["reduce"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tk, "_launch", counting)
+    return calls
+
+
+def _fused_tables():
+    import test_fused
+
+    # By default one case per method (the table runs method x head x reduction), heads and reductions rotating.
+    default = {m * 12 + (m % 4) * 3 + m % 3 for m in range(5)}
+    table = [pytest.param(test_fused.test_matches_unfused_float32, case, id=f"float32-{case.id}",
+                          marks=() if i in default else (pytest.mark.slow,))
+             for i, case in enumerate(test_fused.TABLE)]
+    table += [pytest.param(test_fused.test_low_precision_matches_float32_reference, case, id=f"low-{case.id}",
+                           marks=() if i in (0, 5) else (pytest.mark.slow,))
+              for i, case in enumerate(test_fused.LOW_PRECISION)]
+    return table
+
+
+FUSED_TABLES = _fused_tables()
+
+
+def test_fused_table_selection_is_not_empty():
+    defaults = [p for p in FUSED_TABLES if not p.marks]
+    assert len(FUSED_TABLES) == 68 and len(defaults) == 7
+    assert {p.values[1].reduction for p in defaults} == {"mean", "sum", "none"}
+    assert len({p.values[1].head for p in defaults}) == 4 and len({p.values[1].method for p in defaults}) == 5
+    assert {p.values[1].dtype for p in defaults} == {torch.float32, torch.bfloat16, torch.float16}
+
+
+@interpreted
+@pytest.mark.parametrize(("test", "case"), FUSED_TABLES)
+def test_fused_tables_with_the_kernel(test, case, launches):
+    test(case)
+    assert launches, "the kernel did not run"
+    if case.reduction != "none" and case.dtype != torch.float16:
+        assert not any(reduce is False for reduce in launches), "gradients in the forward: one launch per chunk"
+
+
+@interpreted
+def test_fused_masked_vocabulary_and_all_ignored_with_the_kernel(launches):
+    import test_fused
+
+    test_fused.test_masked_vocabulary_through_negative_infinite_bias()
+    test_fused.test_non_contiguous_shifted_hidden_states()
+    for reduction in ("mean", "sum", "none"):
+        test_fused.test_all_ignored_chunk_and_garbage_hidden_states_there(reduction)
+    assert launches
