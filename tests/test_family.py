@@ -671,3 +671,72 @@ def test_bad_family_arguments_raise(tmp_path, field, value, match):
 
     with pytest.raises(ValueError, match=match):
         SmoothingArguments(**{field: value})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Two processes (gloo DDP): weights and z-loss, one SGD step against the float64 oracle
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _weighted_examples(n=8, seed=3):
+    from tiny_models import causal_examples
+
+    g = torch.Generator().manual_seed(seed)
+    examples = causal_examples(n, seed=seed)
+    for example in examples:
+        example["weights"] = (torch.rand(len(example["labels"]), generator=g) * 2).tolist()
+        example["weights"][0] = 0.0  # never scored anyway (the causal shift drops position 0)
+    examples[1]["weights"][-1] = 0.0  # a zero weight on a scored token
+    return examples
+
+
+def _oracle_sgd_step(examples, method):
+    """One SGD step (lr 1) on sum_t w_t l_t / sum_t w_t over all rows, each row alone, float64 losses."""
+    import copy
+
+    from tiny_models import BUILDERS
+
+    model = BUILDERS["llama"](0)
+    knobs = {"label_smoothing": dict(epsilon=0.1), "maxsup": dict(alpha=0.1)}[method]
+    total, weight = 0.0, 0.0
+    for example in examples:
+        ids = torch.tensor(example["input_ids"])
+        labels = torch.tensor(example["labels"])[1:]
+        w = torch.tensor(example["weights"], dtype=torch.float64)[1:]
+        w = torch.where(labels == -100, 0.0, w)
+        rows = family_rows(model(input_ids=ids[None]).logits[0, :-1], labels, **knobs, z_loss=1e-3)
+        total = total + (w * rows).sum()
+        weight += float(w.sum())
+    loss = total / weight
+    loss.backward()
+    stepped = copy.deepcopy(model)
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(model.named_parameters(), stepped.named_parameters()):
+            q -= p.grad if p.grad is not None else 0.0
+    return float(loss.detach()), {k: v.detach() for k, v in stepped.named_parameters()}
+
+
+@pytest.mark.slow  # one 2-process launch: ~30-40 s on 2 cores
+def test_two_processes_with_weights_and_z_loss_equal_the_oracle(tmp_path):
+    from pathlib import Path
+
+    from ddp_scenarios import launch_scenarios
+    from trainer_helpers import max_diff
+
+    examples = _weighted_examples()
+    scenarios = [
+        dict(name=f"{method}-{'fused' if fused else 'unfused'}", model="llama", method=method, fused=fused, lora=None,
+             train=examples, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+        for method, fused in (("maxsup", False), ("label_smoothing", True))
+    ]
+    script = Path(__file__).parent / "scripts" / "family_ddp.py"
+    results = launch_scenarios(script, tmp_path / "run", scenarios)
+    for scenario in scenarios:
+        result = results[scenario["name"]]
+        assert result["world_size"] == 2 and result["wrapped_as"] == "DistributedDataParallel"
+        assert result["fused_ran"] == scenario["fused"] and not result["fallback_warnings"]
+        expected_loss, expected = _oracle_sgd_step(examples, scenario["method"])
+        assert max_diff(result["params"], expected) < 1e-6, scenario["name"]
+        logged = next(log for log in result["log_history"] if "loss" in log and "grad_norm" in log)
+        assert logged["loss"] == pytest.approx(expected_loss, rel=1e-5)
+        assert logged["z_loss"] > 0
