@@ -28,7 +28,7 @@ from torch import nn
 
 from .modeling import align_targets, align_weights, is_encoder_decoder, unwrap_model
 
-__all__ = ["FusedRoute", "fused_unsupported_reason"]
+__all__ = ["FusedRoute", "fused_unsupported_reason", "unshard_output_layer"]
 
 
 def fused_unsupported_reason(trainer, model: nn.Module) -> str | None:
@@ -36,12 +36,22 @@ def fused_unsupported_reason(trainer, model: nn.Module) -> str | None:
     base = unwrap_model(model)
     if is_encoder_decoder(base):
         return "encoder-decoder models are scored on materialized logits"
-    if getattr(trainer, "is_fsdp_enabled", False):
-        return "FSDP shards the output weight outside the forward"
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-            return "DeepSpeed ZeRO-3 partitions the output weight outside the forward"
+    if getattr(trainer, "is_fsdp_enabled", False) and not getattr(trainer.accelerator, "is_fsdp2", False):
+        return (
+            "FSDP version 1 holds the output weight in a flattened shard outside the forward; use FSDP2 "
+            "(fsdp_version: 2, recipes/configs/fsdp2.yaml), where the fused loss runs"
+        )
+    if _is_zero3(trainer, base):
+        # Gathering the weight for the loss (deepspeed.zero.GatheredParameters) is not enough: ZeRO-3 partitions it
+        # again when the context exits, and in the backward autograd accumulates the fused loss's (V, H) gradient
+        # against the parameter's current, empty shape ("The size of tensor a (0) must match the size of tensor b",
+        # reproduced on CPU with deepspeed 0.19.8). The layer's own backward works because ZeRO-3 gathers it again
+        # first, from a hook on the layer's output, which the fused loss does not use.
+        return (
+            "DeepSpeed ZeRO-3 partitions the output weight again after the forward, before the backward that "
+            "accumulates the fused loss's gradient into it; use FSDP2 (recipes/configs/fsdp2.yaml) or ZeRO-2 to run "
+            "the fused loss"
+        )
     if not hasattr(base, "get_output_embeddings") or base.get_output_embeddings() is None:
         return f"{type(base).__name__} has no output embeddings"
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
@@ -50,6 +60,41 @@ def fused_unsupported_reason(trainer, model: nn.Module) -> str | None:
     if backbone is None or backbone is base:
         return f"{type(base).__name__} has no separate backbone (base_model_prefix)"
     return None
+
+
+def _zero3_partitioned(module: nn.Module) -> bool:
+    # DeepSpeed ZeRO-3 marks every parameter it partitions with a `ds_id` (deepspeed 0.19).
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _is_zero3(trainer, model: nn.Module) -> bool:
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+            return True
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return output_layer is not None and _zero3_partitioned(output_layer)
+
+
+def unshard_output_layer(module: nn.Module) -> None:
+    """FSDP2: make sure the output layer's parameters are the gathered (unsharded) ones, as in its forward.
+
+    The fused loss runs right after the model's forward, on the weights its output layer used there. Under FSDP2
+    (`fully_shard`) those are still gathered when the layer belongs to the root module (the root never reshards after
+    its forward) or to a group with ``reshard_after_forward=False`` (accelerate >= 1.15 shards [final norm, output
+    layer] as one such group). A wrapping that reshards the output layer after its forward leaves DTensor shards
+    instead: gather them again with FSDP2's public ``FSDPModule.unshard()``, the all-gather its forward runs. Either
+    way the loss's gradient reaches the gathered parameter through autograd, exactly as the layer's own would, and
+    FSDP2's post-backward reduce-scatters it into the sharded parameter and reshards (torch >= 2.13 runs the
+    post-backward of every group at the end of backward, also of groups whose outputs the loss did not use).
+    """
+    if not any(type(p).__name__ == "DTensor" for p in module.parameters()):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.unshard()
 
 
 def _hidden_of(output) -> torch.Tensor:
@@ -70,13 +115,17 @@ class FusedRoute:
     Attributes:
         reason (`str` or `None`): why the fused path cannot run (the trainer then warns once and uses the
             materialized logits), or None.
-        steps (`int`): fused forwards run so far.
+        steps (`int`): training forwards scored by the fused loss so far.
+        head_fallback (`str` or `None`): why the last forward's output layer could not be fused (`OutputHead.loss`
+            warned and scored materialized logits; such a forward is not counted in `steps`), or None.
     """
 
     def __init__(self, trainer, model: nn.Module):
         self.base = unwrap_model(model)
         self.reason = fused_unsupported_reason(trainer, model)
         self.steps = 0
+        self.head_fallback = None
+        self._checked = False
 
     def __call__(self, model, inputs, labels, shift_labels, knobs, num_items_in_batch, *, shift, ignore_index,
                  chunk_size, weights=None):
@@ -98,11 +147,13 @@ class FusedRoute:
             handle.remove()
         hidden = captured["hidden"]
         # Read each step: PEFT may have wrapped the output layer since the route was built.
-        head = OutputHead(self.base.get_output_embeddings(), LogitTransform.from_config(self.base.config))
+        output_layer = self.base.get_output_embeddings()
+        head = OutputHead(output_layer, LogitTransform.from_config(self.base.config))
         device_type, autocast_dtype, autocast_on = captured["autocast"]
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            if self.steps == 0:
+            if not self._checked:
                 head.check(_logits_of(outputs)[:, -1:, :], hidden[:, -1:, :])
+                self._checked = True
             targets = align_targets(
                 labels, shift_labels, shift=shift, sequence_length=hidden.shape[-2], ignore_index=ignore_index
             ).to(hidden.device)
@@ -111,10 +162,12 @@ class FusedRoute:
                 weights, shift_labels if shifted else labels, shifted_labels=shifted, shift=shift,
                 sequence_length=hidden.shape[-2],
             )
+            unshard_output_layer(output_layer)  # after the check, whose call of the layer may reshard it again
             loss, parts = head.loss(
                 hidden, targets, **knobs, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
                 chunk_size=chunk_size, return_components=True,
                 weights=None if weights is None else weights.to(hidden.device),
             )
-        self.steps += 1
+        self.head_fallback = head.fallback_reason
+        self.steps += head.fallback_reason is None
         return loss, parts, outputs

@@ -366,7 +366,7 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         """Why `smoothing_fused_loss=True` fell back to materialized logits for the model being trained (None when
         the fused path runs, when it is off, or before the first training step)."""
         route = self._fused_routes.get(id(unwrap_model(self.model)))
-        return None if route is None else route.reason
+        return None if route is None else route.reason or route.head_fallback
 
     @property
     def fused_loss_active(self) -> bool:

@@ -1,0 +1,158 @@
+"""The fused loss under FSDP2 (`torch.distributed.fsdp.fully_shard`) and DeepSpeed ZeRO-3, 2 gloo ranks on CPU,
+against one process.
+
+tests/scripts/sharded_fused.py shards the float64 tiny Llama (FSDP2 exactly as accelerate 1.15 does, with its own
+`fsdp2_prepare_model`; or with the output layer resharded after its forward; or as a ZeRO-3 engine), runs
+`SmoothTrainer.compute_loss` with the fused loss on each rank's half of a global batch of 8 variable-length rows, and
+backward (ZeRO-3 refuses the fused loss: the test checks the warning and the exact fallback). The reference here is independent of hf_smooth: the unsharded model, every row run alone, per-token losses
+from PyTorch's F.cross_entropy (label smoothing) or the naive MaxSup formula in float64, summed and divided by the
+global token count, and autograd's gradient of that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fsdp2_cases import build_case_model, global_examples
+from launch_helpers import ROOT, free_port, kill_tree, launch_env
+from trainer_helpers import example_logits_and_targets, oracle_token_losses
+
+from hf_smooth.fused_trainer import fused_unsupported_reason
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "sharded_fused.py"
+ALPHA = 0.1  # the script's smoothing strength
+TOLERANCE = 1e-9
+
+# FSDP2 wrapped by accelerate's own code, for every head and both methods; then the output layer resharded after its
+# forward (the route gathers it again), for the untied and LoRA heads (a tied head shares the embedding's group).
+FSDP2_CASES = [
+    f"{embeddings}-{method}-accelerate"
+    for embeddings in ("untied", "tied", "lora")
+    for method in ("label_smoothing", "maxsup")
+]
+FSDP2_CASES += ["untied-maxsup-head", "lora-label_smoothing-head"]
+# ZeRO-3: the fused route is refused (the weight is partitioned again before the backward), loudly, and the
+# materialized fallback through the engine is exact.
+ZERO3_CASES = ["untied-label_smoothing-zero3", "tied-maxsup-zero3", "lora-maxsup-zero3"]
+
+# The launched tests are slow: each launch takes 20-60 s of start-up on 2 cores.
+LAUNCHABLE = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+
+
+def reference(case: str):
+    """Loss and gradients of the unsharded model on the whole global batch (float64, F.cross_entropy oracle)."""
+    embeddings, method, _wrap = case.split("-")
+    model = build_case_model(embeddings)
+    model.train()
+    total, count = 0.0, 0
+    for example in global_examples():
+        logits, targets = example_logits_and_targets(model, "llama", example)
+        losses = oracle_token_losses(logits, targets, method, ALPHA)
+        total, count = total + losses.sum(), count + losses.numel()
+    loss = total / count
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def launch(out: Path, cases: list[str]) -> dict:
+    """All `cases` in one 2-process torchrun launch (start-up is most of its cost); their recorded results."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(SCRIPT), str(out), *cases,
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=launch_env(out / "hf_home"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        output, _ = process.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        kill_tree(process.pid)
+        output, _ = process.communicate(timeout=60)
+        pytest.fail(f"the 2-process launch did not finish in 420 s:\n{output[-8000:]}")
+    if process.returncode != 0:
+        pytest.fail(f"the 2-process launch failed ({process.returncode}):\n{output[-8000:]}")
+    return {case: torch.load(out / f"{case}.pt") for case in cases}
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("fsdp2"), FSDP2_CASES)
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory):
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install deepspeed; DS_BUILD_OPS=0 is enough on CPU)")
+    return launch(tmp_path_factory.mktemp("zero3"), ZERO3_CASES)
+
+
+def assert_matches_one_process(run, case, *, grad_tolerance=TOLERANCE):
+    loss, grads = reference(case)
+    assert abs(run["loss"] - loss) < TOLERANCE, (run["loss"], loss)
+    assert run["grads"].keys() == grads.keys() and grads
+    errors = {name: (run["grads"][name].double() - grad).abs().max().item() for name, grad in grads.items()}
+    assert max(errors.values()) < grad_tolerance, errors
+
+
+def assert_fused_ran(run):
+    assert run["fused_ran"] and run["fallback"] is None, run["fallback"]
+    assert run["warnings"] == []
+    assert run["logit_lengths"] == [1]  # the model projected one position: no B x T x V logits
+
+
+@pytest.mark.parametrize("case", FSDP2_CASES)
+@pytest.mark.slow
+@LAUNCHABLE
+def test_fused_loss_under_fsdp2_matches_one_process(fsdp2_runs, case):
+    run = fsdp2_runs[case]
+    assert run["num_sharded"] == run["num_params"] > 0  # every parameter was a DTensor shard
+    assert_fused_ran(run)
+    assert_matches_one_process(run, case)
+
+
+@pytest.mark.parametrize("case", ZERO3_CASES)
+@pytest.mark.slow
+@LAUNCHABLE
+def test_zero3_falls_back_loudly_and_exactly(zero3_runs, case):
+    run = zero3_runs[case]
+    assert run["num_sharded"] == run["num_params"] > 0  # every parameter was partitioned
+    assert not run["fused_ran"]
+    assert "DeepSpeed ZeRO-3" in run["fallback"] and "FSDP2" in run["fallback"]
+    assert any("falls back" in message and "DeepSpeed ZeRO-3" in message for message in run["warnings"])
+    # DeepSpeed hands out gradients in its float32 accumulation dtype (safe_get_full_grad), whatever the model's.
+    assert_matches_one_process(run, case, grad_tolerance=1e-6)
+
+
+# ---- which setups the trainer routes through the fused loss (no launch) ------------------------------------------
+
+
+def trainer_stub(*, fsdp=False, fsdp2=False, zero_stage=None):
+    """What `fused_unsupported_reason` reads of a Trainer: its accelerate flags and plugins."""
+    plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+    accelerator = SimpleNamespace(is_fsdp2=fsdp2, state=SimpleNamespace(deepspeed_plugin=plugin))
+    return SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=zero_stage is not None, accelerator=accelerator)
+
+
+@pytest.mark.parametrize(
+    ("setup", "stub", "refused_with"),
+    [
+        ("one process / DDP", trainer_stub(), None),
+        ("FSDP2", trainer_stub(fsdp=True, fsdp2=True), None),
+        ("FSDP1", trainer_stub(fsdp=True), "fsdp_version: 2"),
+        ("ZeRO-2", trainer_stub(zero_stage=2), None),
+        ("ZeRO-3", trainer_stub(zero_stage=3), "DeepSpeed ZeRO-3"),
+    ],
+)
+def test_fused_route_per_setup(setup, stub, refused_with):
+    reason = fused_unsupported_reason(stub, build_case_model("untied"))
+    if refused_with is None:
+        assert reason is None, (setup, reason)
+    else:
+        assert reason is not None and refused_with in reason, (setup, reason)
