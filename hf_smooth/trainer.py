@@ -100,7 +100,8 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         self._input_tokens: torch.Tensor | None = None  # this process's input tokens since train() began (num_tokens)
         self._num_tokens_before = 0.0  # num_tokens of the last log before train() began (a resumed run's)
         self._warned_empty: set[str] = set()
-        self._warned_eval_weights = False  # what has been reported as scoring no token (warned once each)
+        self._warned_eval_weights = False
+        self._eval_z_loss: torch.Tensor | None = None  # [z-loss sum, tokens] of the evaluation in progress  # what has been reported as scoring no token (warned once each)
 
         _compat.check_trainer_supported(self)  # loud failure on a Trainer without the hooks the mixin relies on
         # Tag the model as TRL does (`_tag_names`): push_to_hub and the model card carry them.
@@ -312,7 +313,13 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
                 )
             else:
                 targets = self._eval_targets(targets, weights)
-                token_loss = smoothed_cross_entropy(logits, targets, **knobs, reduction="none", **reduce_kwargs)
+                token_loss, eval_parts = smoothed_cross_entropy(
+                    logits, targets, **knobs, reduction="none", return_components=True, **reduce_kwargs
+                )
+                if self._eval_z_loss is not None:  # [z-loss sum, tokens] for eval_z_loss
+                    self._eval_z_loss += torch.stack([eval_parts.z_loss, eval_parts.num_tokens]).double().to(
+                        self._eval_z_loss.device
+                    )
                 count = targets.ne(options.smoothing_ignore_index).sum()
                 loss = token_loss.sum() / count.clamp(min=1)
                 self._record_eval_batch(logits, targets, token_loss)
@@ -524,6 +531,8 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         )
         if isinstance(self, Seq2SeqTrainer):
             _compat.gather_generations_once(self)  # BLEU over each evaluation pair once under DDP
+        z_loss_on = self.smoothing_args.smoothing_z_loss > 0
+        self._eval_z_loss = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device) if z_loss_on else None
         try:
             output = super().evaluation_loop(
                 dataloader,
@@ -546,6 +555,11 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
             output.metrics[f"{metric_key_prefix}_loss"] = results.pop("loss")
             results["smoothing_alpha"] = self.smoothing_alpha
             output.metrics.update(eval_logs(results, metric_key_prefix))
+        if self._eval_z_loss is not None:
+            # Summed per batch (under DDP the sampler's few repeated samples of the last batch count twice).
+            z_sum, count = self.accelerator.reduce(self._eval_z_loss, reduction="sum").tolist()
+            output.metrics[f"{metric_key_prefix}_z_loss"] = z_sum / count if count else float("nan")
+            self._eval_z_loss = None
         return output
 
 

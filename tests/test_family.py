@@ -740,3 +740,25 @@ def test_two_processes_with_weights_and_z_loss_equal_the_oracle(tmp_path):
         logged = next(log for log in result["log_history"] if "loss" in log and "grad_norm" in log)
         assert logged["loss"] == pytest.approx(expected_loss, rel=1e-5)
         assert logged["z_loss"] > 0
+
+
+def test_evaluation_reports_z_loss(tmp_path):
+    from tiny_models import BUILDERS, ListDataset, PadCollator, causal_examples
+
+    from hf_smooth import SmoothTrainer, SmoothTrainingArguments
+
+    examples = causal_examples(6, seed=1)
+    args = SmoothTrainingArguments(str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=4,
+                                   smoothing_method="maxsup", smoothing_z_loss=0.01)
+    model = BUILDERS["llama"](0)
+    trainer = SmoothTrainer(model=model, args=args, eval_dataset=ListDataset(examples), data_collator=PadCollator())
+    metrics = trainer.evaluate()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1].double()
+            labels = torch.tensor(example["labels"][1:])
+            lse = torch.logsumexp(logits[labels != -100], dim=-1)
+            total += float((0.01 * lse**2).sum())
+            count += int((labels != -100).sum())
+    assert metrics["eval_z_loss"] == pytest.approx(total / count, rel=1e-5)
