@@ -99,9 +99,9 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         self._run_parts: torch.Tensor | None = None  # the same sums since train() began, for train_loss
         self._input_tokens: torch.Tensor | None = None  # this process's input tokens since train() began (num_tokens)
         self._num_tokens_before = 0.0  # num_tokens of the last log before train() began (a resumed run's)
-        self._warned_empty: set[str] = set()
-        self._warned_eval_weights = False
-        self._eval_z_loss: torch.Tensor | None = None  # [z-loss sum, tokens] of the evaluation in progress  # what has been reported as scoring no token (warned once each)
+        self._warned_empty: set[str] = set()  # what has been reported as scoring no token (warned once each)
+        self._warned_eval_weights = False  # evaluation with loss_weights other than 0/1 (warned once)
+        self._eval_z_loss: torch.Tensor | None = None  # [z-loss sum, tokens] of the evaluation in progress
 
         _compat.check_trainer_supported(self)  # loud failure on a Trainer without the hooks the mixin relies on
         # Tag the model as TRL does (`_tag_names`): push_to_hub and the model card carry them.
