@@ -2,9 +2,9 @@
 against one process.
 
 tests/scripts/sharded_fused.py shards the float64 tiny Llama (FSDP2 exactly as accelerate 1.15 does, with its own
-`fsdp2_prepare_model`; or with the output layer resharded after its forward; or as a ZeRO-3 engine), runs
+`fsdp2_prepare_model`; or with the output layer resharded after its forward; or as a ZeRO-2 / ZeRO-3 engine), runs
 `SmoothTrainer.compute_loss` with the fused loss on each rank's half of a global batch of 8 variable-length rows, and
-backward (ZeRO-3 refuses the fused loss: the test checks the warning and the exact fallback). The reference here is independent of hf_smooth: the unsharded model, every row run alone, per-token losses
+backward (ZeRO-2 runs the fused loss; ZeRO-3 refuses it: the test checks the warning and the exact fallback). The reference here is independent of hf_smooth: the unsharded model, every row run alone, per-token losses
 from PyTorch's F.cross_entropy (label smoothing) or the naive MaxSup formula in float64, summed and divided by the
 global token count, and autograd's gradient of that.
 """
@@ -40,6 +40,8 @@ FSDP2_CASES += ["untied-maxsup-head", "lora-label_smoothing-head"]
 # ZeRO-3: the fused route is refused (the weight is partitioned again before the backward), loudly, and the
 # materialized fallback through the engine is exact.
 ZERO3_CASES = ["untied-label_smoothing-zero3", "tied-maxsup-zero3", "lora-maxsup-zero3"]
+# ZeRO-2 keeps the weights whole on every rank: the fused route runs (LoRA on the output layer included).
+ZERO2_CASES = ["untied-maxsup-zero2", "tied-label_smoothing-zero2", "lora-label_smoothing-zero2"]
 
 # The launched tests are slow: each launch takes 20-60 s of start-up on 2 cores.
 LAUNCHABLE = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
@@ -87,10 +89,10 @@ def fsdp2_runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def zero3_runs(tmp_path_factory):
+def deepspeed_runs(tmp_path_factory):
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install deepspeed; DS_BUILD_OPS=0 is enough on CPU)")
-    return launch(tmp_path_factory.mktemp("zero3"), ZERO3_CASES)
+    return launch(tmp_path_factory.mktemp("deepspeed"), ZERO3_CASES + ZERO2_CASES)
 
 
 def assert_matches_one_process(run, case, *, grad_tolerance=TOLERANCE):
@@ -120,14 +122,24 @@ def test_fused_loss_under_fsdp2_matches_one_process(fsdp2_runs, case):
 @pytest.mark.parametrize("case", ZERO3_CASES)
 @pytest.mark.slow
 @LAUNCHABLE
-def test_zero3_falls_back_loudly_and_exactly(zero3_runs, case):
-    run = zero3_runs[case]
+def test_zero3_falls_back_loudly_and_exactly(deepspeed_runs, case):
+    run = deepspeed_runs[case]
     assert run["num_sharded"] == run["num_params"] > 0  # every parameter was partitioned
     assert not run["fused_ran"]
     assert "DeepSpeed ZeRO-3" in run["fallback"] and "FSDP2" in run["fallback"]
     assert any("falls back" in message and "DeepSpeed ZeRO-3" in message for message in run["warnings"])
     # DeepSpeed hands out gradients in its float32 accumulation dtype (safe_get_full_grad), whatever the model's.
     assert_matches_one_process(run, case, grad_tolerance=1e-6)
+
+
+@pytest.mark.slow
+@LAUNCHABLE
+@pytest.mark.parametrize("case", ZERO2_CASES)
+def test_fused_loss_under_zero2_matches_one_process(deepspeed_runs, case):
+    run = deepspeed_runs[case]
+    assert run["num_sharded"] == 0  # ZeRO-2 partitions gradients and optimizer state, not the weights
+    assert_fused_ran(run)
+    assert_matches_one_process(run, case, grad_tolerance=1e-6)  # float32 gradients, as for ZeRO-3
 
 
 # ---- which setups the trainer routes through the fused loss (no launch) ------------------------------------------
@@ -156,3 +168,30 @@ def test_fused_route_per_setup(setup, stub, refused_with):
         assert reason is None, (setup, reason)
     else:
         assert reason is not None and refused_with in reason, (setup, reason)
+
+
+def test_fsdp2_yaml_gives_accelerate_an_fsdp2_plugin(monkeypatch):
+    """recipes/configs/fsdp2.yaml as accelerate 1.15 reads it: the environment its launcher hands the processes, and
+    the FSDP plugin an Accelerator builds from it (FSDP2, per-layer wrapping, resharding after forward), without a
+    warning. Nothing is launched (accelerate refuses FSDP without GPUs)."""
+    import warnings
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    monkeypatch.setattr("accelerate.utils.launch.is_port_in_use", lambda port: False)
+    config = ROOT / "recipes" / "configs" / "fsdp2.yaml"
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config), "x.py"]))
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plugin = FullyShardedDataParallelPlugin()
+    assert [str(w.message) for w in caught] == []
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"

@@ -10,8 +10,8 @@ wrap one of
   input embedding when untied, [final norm, output layer] together with reshard_after_forward=False, then the root);
 - ``head``: FSDP2 on each decoder layer and on the output layer alone with reshard_after_forward=True (its weight is a
   DTensor shard again after the forward), then the root;
-- ``zero3``: a DeepSpeed ZeRO-3 engine (every parameter partitioned, persistence threshold 0). All cases of one launch
-  must be ZeRO-3 or none.
+- ``zero2`` / ``zero3``: a DeepSpeed ZeRO-2 / ZeRO-3 engine (ZeRO-3: every parameter partitioned, persistence
+  threshold 0). All cases of one launch must be DeepSpeed or none.
 
 For each case, on both ranks: the float64 model of tests/fsdp2_cases.py, one `SmoothTrainer.compute_loss` with the
 fused loss on this rank's half of the global batch of tests/test_fsdp2.py, and backward (the engine's for ZeRO-3).
@@ -65,13 +65,14 @@ def shard_head_alone(model):
     return fully_shard(model)
 
 
-def zero3_engine(model):
-    """A DeepSpeed ZeRO-3 engine over the model; nothing is kept whole (stage3_param_persistence_threshold 0)."""
+def deepspeed_engine(model, stage: int):
+    """A DeepSpeed ZeRO engine over the model; for ZeRO-3 nothing is kept whole (persistence threshold 0)."""
     import deepspeed
 
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0} if stage == 3 else {"stage": stage}
     config = {
         "train_micro_batch_size_per_gpu": GLOBAL_ROWS // 2, "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": zero,
         "optimizer": {"type": "SGD", "params": {"lr": 1.0}}, "zero_allow_untested_optimizer": True,
     }
     engine, *_ = deepspeed.initialize(
@@ -80,11 +81,15 @@ def zero3_engine(model):
     return engine
 
 
-WRAPS = {"accelerate": shard_like_accelerate, "head": shard_head_alone, "zero3": zero3_engine}
+WRAPS = {
+    "accelerate": shard_like_accelerate, "head": shard_head_alone,
+    "zero2": lambda model: deepspeed_engine(model, 2), "zero3": lambda model: deepspeed_engine(model, 3),
+}
+DEEPSPEED = ("zero2", "zero3")
 
 
 def full_grads(model, wrap: str) -> dict:
-    if wrap == "zero3":
+    if wrap in DEEPSPEED:
         from deepspeed.utils import safe_get_full_grad  # a collective: every rank calls it for every parameter
 
         grads = {name: safe_get_full_grad(p) for name, p in model.module.named_parameters()}
@@ -95,7 +100,7 @@ def full_grads(model, wrap: str) -> dict:
 
 
 def num_sharded(model, wrap: str) -> int:
-    if wrap == "zero3":
+    if wrap in DEEPSPEED:  # ZeRO-3 partitions every parameter; ZeRO-2 none (gradients and optimizer state only)
         return sum(hasattr(p, "ds_id") for p in model.parameters())
     return sum(type(p).__name__ == "DTensor" for p in model.parameters())
 
@@ -109,7 +114,7 @@ def run_case(out_dir: str, case: str, rank: int, world: int) -> None:
         per_device_train_batch_size=GLOBAL_ROWS // world, smoothing_method=method, smoothing_alpha=ALPHA,
         smoothing_fused_loss=True,
     )
-    module = model.module if wrap == "zero3" else model  # the Trainer holds the model, compute_loss gets the engine
+    module = model.module if wrap in DEEPSPEED else model  # the Trainer holds the model, compute_loss gets the engine
     trainer = SmoothTrainer(model=module, args=args, train_dataset=ListDataset([]), data_collator=PadCollator())
     assert trainer.accelerator.num_processes == world, (trainer.accelerator.num_processes, world)
     assert not trainer.is_fsdp_enabled  # the sharding is ours; the Trainer only routes the loss
@@ -120,7 +125,7 @@ def run_case(out_dir: str, case: str, rank: int, world: int) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(global_token_count()))
-        if wrap == "zero3":
+        if wrap in DEEPSPEED:
             model.backward(loss)
         else:
             loss.backward()
@@ -142,10 +147,10 @@ def run_case(out_dir: str, case: str, rank: int, world: int) -> None:
 
 def main() -> None:
     out_dir, cases = sys.argv[1], sys.argv[2:]
-    zero3 = {case.endswith("-zero3") for case in cases}
-    if len(zero3) != 1:
-        raise SystemExit(f"launch ZeRO-3 cases and FSDP2 cases separately: {cases}")
-    if zero3.pop():
+    uses_deepspeed = {case.endswith(DEEPSPEED) for case in cases}
+    if len(uses_deepspeed) != 1:
+        raise SystemExit(f"launch DeepSpeed cases and FSDP2 cases separately: {cases}")
+    if uses_deepspeed.pop():
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
