@@ -109,6 +109,13 @@ def _kernel():
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
+def _coefficients(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The kernel's coefficients as a device tensor of the compute dtype (a float kernel argument would arrive as
+    float32), made once per setting: a fresh tensor per launch would be a host-to-device copy per chunk (#12)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _launch(src, labels, coefs, *, ignore_index, scale, cap, z_loss, reduce, dst=None, row_scale=None, stats=None):
     triton = _triton()
     num_rows, vocab_size = src.shape
@@ -116,10 +123,8 @@ def _launch(src, labels, coefs, *, ignore_index, scale, cap, z_loss, reduce, dst
     if src.stride(-1) != 1 or (dst is not None and dst.stride(-1) != 1):
         raise ValueError("the Triton kernel needs rows with contiguous vocabulary entries (stride 1).")
     device = src.device
-    coef = torch.tensor(
-        [coefs.epsilon, coefs.alpha, float(z_loss), float(scale), 1.0 if cap is None else float(cap)],
-        dtype=cdtype, device=device,
-    )
+    values = (float(coefs.epsilon), float(coefs.alpha), float(z_loss), float(scale), 1.0 if cap is None else float(cap))
+    coef = _coefficients(values, cdtype, device)
     labels = labels.to(torch.int64)
     if reduce:
         red = torch.empty(_NUM_REDUCTIONS, num_rows, dtype=cdtype, device=device)
