@@ -2,12 +2,14 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/scripts/sharded_fused.py OUT_DIR CASE [CASE ...]
 
-A CASE is ``<embeddings>-<method>-<wrap>``: embeddings ``untied``, ``tied``, ``lora`` (untied, peft LoRA on q_proj,
-v_proj and lm_head) or ``lorabody`` (LoRA on q_proj and v_proj only), method ``label_smoothing`` or ``maxsup``, and
-wrap one of
+A CASE is ``<embeddings>-<method>-<wrap>``, with ``-unfused`` appended for the materialized-logits path: embeddings
+``untied``, ``tied``, ``lora`` (untied, peft LoRA on q_proj, v_proj and lm_head) or ``lorabody`` (LoRA on q_proj and
+v_proj only), method ``label_smoothing`` or ``maxsup``, and wrap one of
 
 - ``accelerate``: FSDP2 as accelerate 1.15 shards the model (its own `fsdp2_prepare_model`: each decoder layer, the
   input embedding when untied, [final norm, output layer] together with reshard_after_forward=False, then the root);
+- ``bf16``: ``accelerate`` with accelerate's bf16 mixed precision (float32 master weights, bf16 parameters,
+  reductions and outputs in FSDP2's MixedPrecisionPolicy, the forward under bf16 autocast);
 - ``head``: FSDP2 on each decoder layer and on the output layer alone with reshard_after_forward=True (its weight is a
   DTensor shard again after the forward), then the root;
 - ``zero2`` / ``zero3``: a DeepSpeed ZeRO-2 / ZeRO-3 engine (ZeRO-3: every parameter partitioned, persistence
@@ -54,6 +56,24 @@ def shard_like_accelerate(model):
     return fsdp2_prepare_model(accelerator, model)
 
 
+def shard_like_accelerate_bf16(model):
+    """What accelerate 1.15 does for FSDP2 with mixed_precision="bf16": float32 master weights, a MixedPrecisionPolicy
+    of bf16 parameters, reductions and outputs (`FullyShardedDataParallelPlugin.set_mixed_precision`), and the model's
+    forward under bf16 autocast (`Accelerator.prepare_model`)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin, fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True
+    )
+    plugin.set_mixed_precision("bf16")
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="bf16", is_main_process=dist.get_rank() == 0
+    )
+    model = fsdp2_prepare_model(accelerator, model.float())
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    return model
+
+
 def shard_head_alone(model):
     """Each decoder layer and the output layer in groups of their own that reshard after their forward, then the root."""
     from torch.distributed.fsdp import fully_shard
@@ -82,7 +102,7 @@ def deepspeed_engine(model, stage: int):
 
 
 WRAPS = {
-    "accelerate": shard_like_accelerate, "head": shard_head_alone,
+    "accelerate": shard_like_accelerate, "bf16": shard_like_accelerate_bf16, "head": shard_head_alone,
     "zero2": lambda model: deepspeed_engine(model, 2), "zero3": lambda model: deepspeed_engine(model, 3),
 }
 DEEPSPEED = ("zero2", "zero3")
@@ -95,7 +115,9 @@ def full_grads(model, wrap: str) -> dict:
         grads = {name: safe_get_full_grad(p) for name, p in model.module.named_parameters()}
         return {name: grad.detach().clone() for name, grad in grads.items() if grad is not None}
     return {
-        name: p.grad.full_tensor().detach().clone() for name, p in model.named_parameters() if p.grad is not None
+        name: p.grad.full_tensor().detach().double().clone()
+        for name, p in model.named_parameters()
+        if p.grad is not None
     }
 
 
@@ -106,13 +128,13 @@ def num_sharded(model, wrap: str) -> int:
 
 
 def run_case(out_dir: str, case: str, rank: int, world: int) -> None:
-    embeddings, method, wrap = case.split("-")
+    embeddings, method, wrap, *unfused = case.split("-")
     model = WRAPS[wrap](build_case_model(embeddings))
     sharded = num_sharded(model, wrap)
     args = SmoothTrainingArguments(
         output_dir=os.path.join(out_dir, f"run-{case}"), use_cpu=True, report_to=[], disable_tqdm=True,
         per_device_train_batch_size=GLOBAL_ROWS // world, smoothing_method=method, smoothing_alpha=ALPHA,
-        smoothing_fused_loss=True,
+        smoothing_fused_loss=not unfused,
     )
     module = model.module if wrap in DEEPSPEED else model  # the Trainer holds the model, compute_loss gets the engine
     trainer = SmoothTrainer(model=module, args=args, train_dataset=ListDataset([]), data_collator=PadCollator())
