@@ -17,6 +17,11 @@ Mixed precision: accelerate's autocast wraps ``model.forward`` only, so the loss
 returns, would run outside it. The hook records the autocast state the backbone ran under, and the projection (and
 the reconstruction check) run under that same state: the projection in the autocast dtype, like the model's own
 ``lm_head``, the reductions in float32 (`hf_smooth.fused`).
+
+Sharded models: under FSDP2 the output weight is the gathered one right after the forward, or is gathered again
+(`unshard_output_layer`), and the loss's gradient reaches FSDP2's reduce-scatter through autograd like the layer's
+own. FSDP version 1 and DeepSpeed ZeRO-3 are refused with the reason (`fused_unsupported_reason`); ZeRO-2 keeps whole
+weights and needs nothing. Tested on CPU with 2 gloo ranks (tests/test_fsdp2.py).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ def fused_unsupported_reason(trainer, model: nn.Module) -> str | None:
     base = unwrap_model(model)
     if is_encoder_decoder(base):
         return "encoder-decoder models are scored on materialized logits"
-    if getattr(trainer, "is_fsdp_enabled", False) and not getattr(trainer.accelerator, "is_fsdp2", False):
+    if getattr(trainer, "is_fsdp_enabled", False) and not _is_fsdp2(trainer):
         return (
             "FSDP version 1 holds the output weight in a flattened shard outside the forward; use FSDP2 "
             "(fsdp_version: 2, recipes/configs/fsdp2.yaml), where the fused loss runs"
@@ -62,6 +67,15 @@ def fused_unsupported_reason(trainer, model: nn.Module) -> str | None:
     return None
 
 
+def _is_fsdp2(trainer) -> bool:
+    # `Accelerator.is_fsdp2` (accelerate 1.15), else the plugin's `fsdp_version`; neither: FSDP version 1.
+    accelerator = trainer.accelerator
+    if hasattr(accelerator, "is_fsdp2"):
+        return bool(accelerator.is_fsdp2)
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return getattr(plugin, "fsdp_version", 1) == 2
+
+
 def _zero3_partitioned(module: nn.Module) -> bool:
     # DeepSpeed ZeRO-3 marks every parameter it partitions with a `ds_id` (deepspeed 0.19).
     return any(hasattr(p, "ds_id") for p in module.parameters())
@@ -85,8 +99,8 @@ def unshard_output_layer(module: nn.Module) -> None:
     layer] as one such group). A wrapping that reshards the output layer after its forward leaves DTensor shards
     instead: gather them again with FSDP2's public ``FSDPModule.unshard()``, the all-gather its forward runs. Either
     way the loss's gradient reaches the gathered parameter through autograd, exactly as the layer's own would, and
-    FSDP2's post-backward reduce-scatters it into the sharded parameter and reshards (torch >= 2.13 runs the
-    post-backward of every group at the end of backward, also of groups whose outputs the loss did not use).
+    FSDP2's post-backward reduce-scatters it into the sharded parameter and reshards (its end-of-backward callback
+    runs the post-backward of every group, also of one whose outputs the loss did not use; read in torch 2.13).
     """
     if not any(type(p).__name__ == "DTensor" for p in module.parameters()):
         return

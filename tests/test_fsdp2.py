@@ -1,12 +1,14 @@
-"""The fused loss under FSDP2 (`torch.distributed.fsdp.fully_shard`) and DeepSpeed ZeRO-3, 2 gloo ranks on CPU,
-against one process.
+"""The fused loss under FSDP2 (`torch.distributed.fsdp.fully_shard`) and DeepSpeed ZeRO-2 / ZeRO-3, 2 gloo ranks on
+CPU, against one process.
 
 tests/scripts/sharded_fused.py shards the float64 tiny Llama (FSDP2 exactly as accelerate 1.15 does, with its own
-`fsdp2_prepare_model`; or with the output layer resharded after its forward; or as a ZeRO-2 / ZeRO-3 engine), runs
-`SmoothTrainer.compute_loss` with the fused loss on each rank's half of a global batch of 8 variable-length rows, and
-backward (ZeRO-2 runs the fused loss; ZeRO-3 refuses it: the test checks the warning and the exact fallback). The reference here is independent of hf_smooth: the unsharded model, every row run alone, per-token losses
-from PyTorch's F.cross_entropy (label smoothing) or the naive MaxSup formula in float64, summed and divided by the
-global token count, and autograd's gradient of that.
+`fsdp2_prepare_model`, in float64 or with accelerate's bf16 mixed precision; or with the output layer resharded after
+its forward; or as a ZeRO-2 / ZeRO-3 engine), runs `SmoothTrainer.compute_loss` with the fused loss on each rank's
+half of a global batch of 8 variable-length rows, and backward. ZeRO-2 runs the fused loss; ZeRO-3 refuses it, and
+the test checks the warning and the exact fallback. The reference is independent of hf_smooth: the unsharded model,
+every row run alone, per-token losses from PyTorch's F.cross_entropy (label smoothing) or the naive MaxSup formula in
+float64, summed and divided by the global token count, and autograd's gradient of that; the bf16 runs are compared
+with the unfused path under the same sharding and precision.
 """
 
 from __future__ import annotations
@@ -165,10 +167,16 @@ def test_fused_loss_under_zero2_matches_one_process(deepspeed_runs, case):
 # ---- which setups the trainer routes through the fused loss (no launch) ------------------------------------------
 
 
-def trainer_stub(*, fsdp=False, fsdp2=False, zero_stage=None):
-    """What `fused_unsupported_reason` reads of a Trainer: its accelerate flags and plugins."""
+def trainer_stub(*, fsdp=False, fsdp2=False, fsdp_version=None, zero_stage=None):
+    """What `fused_unsupported_reason` reads of a Trainer: its accelerate flags and plugins (with `fsdp_version`, an
+    accelerate without `Accelerator.is_fsdp2`, whose FSDP plugin says the version)."""
     plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
-    accelerator = SimpleNamespace(is_fsdp2=fsdp2, state=SimpleNamespace(deepspeed_plugin=plugin))
+    fsdp_plugin = None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version)
+    state = SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=fsdp_plugin)
+    if fsdp_version is not None:
+        accelerator = SimpleNamespace(state=state)
+    else:
+        accelerator = SimpleNamespace(is_fsdp2=fsdp2, state=state)
     return SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=zero_stage is not None, accelerator=accelerator)
 
 
@@ -178,6 +186,8 @@ def trainer_stub(*, fsdp=False, fsdp2=False, zero_stage=None):
         ("one process / DDP", trainer_stub(), None),
         ("FSDP2", trainer_stub(fsdp=True, fsdp2=True), None),
         ("FSDP1", trainer_stub(fsdp=True), "fsdp_version: 2"),
+        ("FSDP2, accelerate without is_fsdp2", trainer_stub(fsdp=True, fsdp_version=2), None),
+        ("FSDP1, accelerate without is_fsdp2", trainer_stub(fsdp=True, fsdp_version=1), "fsdp_version: 2"),
         ("ZeRO-2", trainer_stub(zero_stage=2), None),
         ("ZeRO-3", trainer_stub(zero_stage=3), "DeepSpeed ZeRO-3"),
     ],

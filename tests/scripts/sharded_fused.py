@@ -75,7 +75,7 @@ def shard_like_accelerate_bf16(model):
 
 
 def shard_head_alone(model):
-    """Each decoder layer and the output layer in groups of their own that reshard after their forward, then the root."""
+    """Each decoder layer and the output layer in groups of their own that reshard after their forward; the root."""
     from torch.distributed.fsdp import fully_shard
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
