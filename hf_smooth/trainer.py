@@ -501,7 +501,11 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
             # hf_smooth (teacher-forced, same as training) and keep the generated tokens from the parent.
             with torch.no_grad(), self.compute_loss_context_manager():
                 loss = self.compute_loss(model, _compat.prepare_inputs(self, inputs)).detach()
-            _, generated, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+            # The parent hands the batch to generate(): the weights are the loss's, never a model input.
+            model_inputs = {key: value for key, value in inputs.items() if key != "loss_weights"}
+            _, generated, labels = super().prediction_step(
+                model, model_inputs, prediction_loss_only, ignore_keys=ignore_keys
+            )
             result = (loss, generated, labels)
         else:
             result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)

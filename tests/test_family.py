@@ -762,3 +762,41 @@ def test_evaluation_reports_z_loss(tmp_path):
             total += float((0.01 * lse**2).sum())
             count += int((labels != -100).sum())
     assert metrics["eval_z_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_loss_weights_never_reach_generate(tmp_path):
+    """Seq2SeqTrainer's predict_with_generate hands the batch to generate(), which refuses keys the model does not
+    take: a collator's loss_weights must be scored (teacher-forced loss) and never reach generate()."""
+    from transformers import Seq2SeqTrainingArguments
+
+    from hf_smooth import SmoothingArguments, SmoothSeq2SeqTrainer
+    from tiny_models import PadCollator, ListDataset, seq2seq_examples, tiny_marian
+
+    class WeightedPad(PadCollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            batch["loss_weights"] = (batch["labels"] != -100).to(torch.float32) * 0.5
+            return batch
+
+    examples = seq2seq_examples(4, seed=1)
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[],
+                                    predict_with_generate=True, generation_max_length=6, use_cpu=True)
+    model = tiny_marian(0)
+    seen = []
+    generate = model.generate
+
+    def recording_generate(*a, **kwargs):
+        seen.append(sorted(kwargs))
+        return generate(*a, **kwargs)
+
+    model.generate = recording_generate
+    trainer = SmoothSeq2SeqTrainer(model=model, args=args, data_collator=WeightedPad(),
+                                   compute_metrics=lambda prediction: {},  # else evaluate() never generates
+                                   smoothing_args=SmoothingArguments(smoothing_method="none"))
+    metrics = trainer.evaluate(ListDataset(examples))
+    # transformers 5 models take **kwargs in forward, so generate() would not even refuse the key: check it directly.
+    assert len(seen) == 2 and all("input_ids" in keys and "loss_weights" not in keys for keys in seen), seen
+    plain = SmoothSeq2SeqTrainer(model=tiny_marian(0), args=args, data_collator=PadCollator(),
+                                 smoothing_args=SmoothingArguments(smoothing_method="none"))
+    # Uniform weights (0.5 everywhere) leave the weighted mean unchanged.
+    assert metrics["eval_loss"] == pytest.approx(plain.evaluate(ListDataset(examples))["eval_loss"], rel=1e-6)
