@@ -14,7 +14,7 @@ import math
 import sys
 import tempfile
 
-OPTIONAL = ("datasets", "sacrebleu", "gguf", "polib", "peft", "matplotlib", "trl")  # pyyaml comes with accelerate
+OPTIONAL = ("datasets", "sacrebleu", "gguf", "polib", "peft", "matplotlib", "trl", "evaluate", "triton")  # pyyaml: accelerate
 
 present = [name for name in OPTIONAL if importlib.util.find_spec(name) is not None]
 if present:
@@ -88,5 +88,17 @@ for fused in (False, True):
         metrics = trainer.evaluate()
         assert math.isclose(metrics["eval_loss"], expected, rel_tol=1e-5), metrics
 assert isinstance(TokenMetrics(), TokenMetrics) and callable(maxsup_loss)
+# The optional parts say what to install, not a bare ModuleNotFoundError.
+for name, load, extra in (
+    ("SmoothSFTTrainer", lambda: hf_smooth.SmoothSFTTrainer, "hf_smooth[trl]"),
+    ("evaluate_modules", lambda: __import__("hf_smooth.evaluate_modules", fromlist=["load"]).load("token_nll"),
+     "evaluate"),
+):
+    try:
+        load()
+    except ImportError as error:
+        assert extra in str(error), (name, str(error))
+    else:
+        sys.exit(f"core_smoke: {name} loaded without its optional dependency")
 print(f"core_smoke: hf_smooth {hf_smooth.__version__} works with torch, transformers, accelerate alone "
       f"(objective {expected:.6f} == logged, fused and unfused)")
