@@ -66,6 +66,12 @@ def launch_two_processes(script: Path, arguments: list[str], *, hf_home: Path, t
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(script), *arguments,
     ]
+    return run_launch(command, hf_home=hf_home, timeout=timeout)
+
+
+def run_launch(command: list[str], *, hf_home: Path, timeout: int = LAUNCH_TIMEOUT_S) -> str:
+    """Run a multi-process launch `command` from the repository root; returns its output, or fails the test with its
+    tail when it fails or runs past `timeout` seconds (then every process of the launch is killed)."""
     process = subprocess.Popen(
         command, cwd=ROOT, env=launch_env(hf_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

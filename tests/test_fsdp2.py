@@ -14,7 +14,6 @@ with the unfused path under the same sharding and precision.
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fsdp2_cases import build_case_model, global_examples
-from launch_helpers import ROOT, free_port, kill_tree, launch_env
+from launch_helpers import ROOT, free_port, run_launch
 from trainer_helpers import example_logits_and_targets, oracle_token_losses
 
 from hf_smooth.fused_trainer import fused_unsupported_reason
@@ -74,17 +73,7 @@ def launch(out: Path, cases: list[str]) -> dict:
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(SCRIPT), str(out), *cases,
     ]
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=launch_env(out / "hf_home"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        output, _ = process.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        kill_tree(process.pid)
-        output, _ = process.communicate(timeout=60)
-        pytest.fail(f"the 2-process launch did not finish in 420 s:\n{output[-8000:]}")
-    if process.returncode != 0:
-        pytest.fail(f"the 2-process launch failed ({process.returncode}):\n{output[-8000:]}")
+    run_launch(command, hf_home=out / "hf_home", timeout=420)
     return {case: torch.load(out / f"{case}.pt") for case in cases}
 
 
