@@ -545,30 +545,41 @@ def _train(tmp_path, bs, ga, method, fused):
     return logs.entries, collator.features, tokenizer.pad_token_id
 
 
-def _oracle_first_step(features, pad_id, method):
-    """sum_t w_t * l_t / sum_t w_t over the first global batch of 8 rows, each row alone (no padding), float64."""
+def _first_batch_oracle(features, pad_id=None, **knobs):
+    """The tiny Llama's ``(sum_t w_t * l_t, sum_t w_t, tokens)`` over the first global batch of 8 rows, each row
+    alone (no padding), float64, with the collator's prompt weights and z-loss 1e-3; ``pad_id`` labels are ignored.
+    Returns the model too, for the gradient of whatever is formed from the sums."""
     from tiny_models import BUILDERS
 
     model = BUILDERS["llama"](0)
-    knobs = {"label_smoothing": dict(epsilon=0.1), "maxsup": dict(alpha=0.1)}[method]
-    total, weight = 0.0, 0.0
+    total, weight, tokens = 0.0, 0.0, 0
     for feature in features[:8]:
         length = sum(feature["attention_mask"])
         if length < 2:
             continue
         ids = torch.tensor(feature["input_ids"][:length])
-        labels = ids.masked_fill(ids == pad_id, -100)
+        labels = ids if pad_id is None else ids.masked_fill(ids == pad_id, -100)
         weights = torch.ones(length, dtype=torch.float64)
         weights[:PROMPT_TOKENS] = PROMPT_WEIGHT
-        logits = model(input_ids=ids[None]).logits[0, :-1]
-        rows = family_rows(logits, labels[1:], **knobs, z_loss=1e-3)
+        rows = family_rows(model(input_ids=ids[None]).logits[0, :-1], labels[1:], **knobs, z_loss=1e-3)
         w = torch.where(labels[1:] == -100, 0.0, weights[1:])
         total = total + (w * rows).sum()
         weight += float(w.sum())
+        tokens += length - 1
+    return model, total, weight, tokens
+
+
+def _grad_norm(model) -> float:
+    return float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None)))
+
+
+def _oracle_first_step(features, pad_id, method):
+    """sum_t w_t * l_t / sum_t w_t over the first global batch of 8 rows, each row alone (no padding), float64."""
+    knobs = {"label_smoothing": dict(epsilon=0.1), "maxsup": dict(alpha=0.1)}[method]
+    model, total, weight, _ = _first_batch_oracle(features, pad_id, **knobs)
     loss = total / weight
     loss.backward()
-    grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None))
-    return float(loss.detach()), float(grad_norm)
+    return float(loss.detach()), _grad_norm(model)
 
 
 @pytest.mark.parametrize("method, fused", [("maxsup", False), ("label_smoothing", True)])
@@ -619,24 +630,10 @@ def test_smoothed_loss_takes_loss_weights_away_from_the_model(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     # First step against the oracle with weights, divided by the token count (Trainer's num_items_in_batch).
-    from tiny_models import BUILDERS
-
-    model = BUILDERS["llama"](0)
-    total, tokens = 0.0, 0
-    for feature in features[:8]:
-        length = sum(feature["attention_mask"])
-        if length < 2:
-            continue
-        ids = torch.tensor(feature["input_ids"][:length])
-        weights = torch.ones(length, dtype=torch.float64)
-        weights[:PROMPT_TOKENS] = PROMPT_WEIGHT
-        rows = family_rows(model(input_ids=ids[None]).logits[0, :-1], ids[1:], alpha=0.1, z_loss=1e-3)
-        total = total + (weights[1:] * rows).sum()
-        tokens += length - 1
+    model, total, _, tokens = _first_batch_oracle(features, alpha=0.1)
     # the logged loss is the weighted mean (sum w*l / sum w); the gradient follows sum w*l / N
     (total / tokens).backward()
-    grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None))
-    assert base[0]["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-4)
+    assert base[0]["grad_norm"] == pytest.approx(_grad_norm(model), rel=1e-4)
 
 
 def test_recipes_smooth_over_the_tokenizer_when_the_output_layer_is_padded(capsys, tmp_path):
