@@ -272,38 +272,12 @@ def format_table(merged: list[dict], args, header: dict) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _trim_heap() -> None:
-    """Give freed heap pages back to the system (glibc), so the RSS baseline is what is really in use."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim, the baseline is only less tight
-        pass
-
-
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM, ru_maxrss) to the current RSS; False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _make_callback(device):
     import gc
 
     import torch
+
+    from hf_smooth.demo.memory import reset_rss_peak, status_kib, trim_heap
     from transformers import TrainerCallback
 
     cuda = device.type == "cuda"
@@ -325,11 +299,11 @@ def _make_callback(device):
                 torch.cuda.reset_peak_memory_stats(device)
                 self.base = torch.cuda.memory_allocated(device)
             else:
-                _trim_heap()
-                if _reset_rss_peak():
-                    self.base = _status_kib("VmRSS") * 1024
+                trim_heap()
+                if reset_rss_peak():
+                    self.base = status_kib("VmRSS") * 1024
                 else:
-                    self.base = _status_kib("VmHWM") * 1024
+                    self.base = status_kib("VmHWM") * 1024
                     self.note = "clear_refs unavailable: baseline is the earlier RSS high-water mark"
             self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
@@ -345,7 +319,7 @@ def _make_callback(device):
             if cuda:
                 self.peak_extra = torch.cuda.max_memory_allocated(device) - self.base
             else:
-                self.peak_extra = _status_kib("VmHWM") * 1024 - self.base
+                self.peak_extra = status_kib("VmHWM") * 1024 - self.base
 
     return StepClock()
 

@@ -14,30 +14,14 @@ own allocator, so compare runs, never two settings inside one process.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 
 import torch
 from transformers import TrainerCallback
 
+from hf_smooth.demo.memory import reset_rss_peak, status_kib, trim_heap
+
 _MIB = 1024 * 1024
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # 5: reset the peak RSS to the current RSS (proc(5))
-        return True
-    except OSError:
-        return False
 
 
 class PeakMemoryCallback(TrainerCallback):
@@ -59,15 +43,12 @@ class PeakMemoryCallback(TrainerCallback):
             torch.cuda.reset_peak_memory_stats(device)
             self.base = torch.cuda.memory_allocated(device)
             return
+        trim_heap()
         try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc: the baseline is only less tight
-            pass
-        try:
-            if _reset_rss_peak():
-                self.base = _status_kib("VmRSS") * 1024
+            if reset_rss_peak():
+                self.base = status_kib("VmRSS") * 1024
             else:
-                self.base = _status_kib("VmHWM") * 1024
+                self.base = status_kib("VmHWM") * 1024
                 self.note = "clear_refs refused: the peak includes whatever came before training (model loading)"
         except (OSError, RuntimeError):  # no /proc (not Linux)
             self.base = None
@@ -81,7 +62,7 @@ class PeakMemoryCallback(TrainerCallback):
             self.metrics = {"train_peak_memory_note": "no /proc/self/status: peak memory not measured"}
             return
         else:
-            peak, kind = _status_kib("VmHWM") * 1024, "cpu_peak_rss"
+            peak, kind = status_kib("VmHWM") * 1024, "cpu_peak_rss"
         self.metrics = {
             "train_peak_memory_kind": kind, "train_peak_memory_mib": peak / _MIB,
             "train_peak_memory_extra_mib": (peak - self.base) / _MIB,
