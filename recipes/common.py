@@ -268,6 +268,21 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
 SMOOTHING_GROUP = "smoothing (hf_smooth)"
 
 
+def argument_defaults(dataclass_types) -> dict:
+    """Every argument's default as plain JSON values (enums and other objects as their `str`): what a run computes
+    with for each flag it does not give. `recipes/compare.py` records them to notice a default changed since a run."""
+    values = {}
+    for arguments in dataclass_types:
+        for item in dataclasses.fields(arguments):
+            if not item.init:
+                continue
+            if item.default is not dataclasses.MISSING:
+                values[item.name] = item.default
+            elif item.default_factory is not dataclasses.MISSING:
+                values[item.name] = item.default_factory()
+    return json.loads(json.dumps(values, default=str))
+
+
 def group_smoothing_options(parser: argparse.ArgumentParser) -> None:
     """List hf_smooth's options (``--smoothing_*``, and transformers' ``--label_smoothing_factor``, which maps onto
     them) first in ``--help``, in their own group, not after the ~700 lines of TrainingArguments. Only the help layout

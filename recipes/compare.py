@@ -11,28 +11,41 @@ Launch commands (from the repository root):
     # Each run under accelerate (e.g. 2 CPU processes, or your GPU config)
     python recipes/compare.py --task clm --launcher "accelerate launch --config_file recipes/configs/cpu_2proc.yaml"
 
+    # Two runs at a time on a 2-core machine (each gets OMP_NUM_THREADS=1 unless you set it)
+    python recipes/compare.py --task translation --jobs 2 --output_dir outputs/compare-translation
+
     # Only re-tabulate finished runs
     python recipes/compare.py --task clm --output_dir outputs/compare-clm --report_only
 
+    # A table of some arms and seeds only (e.g. a one-seed epsilon sweep in the same folder), as sweep.md/.csv/*.png
+    python recipes/compare.py --task translation --methods ce ls:0.05 ls:0.1 ls:0.15 ls:0.2 --seeds 0 \
+        --report_only --report_name sweep --only_listed
+
 Resumable: a finished run is not run again. A run counts as finished for this invocation when its folder holds a
 valid metrics.json and a run.json recording the same recipe command (the recipe, `--seed`, the method's flags and
-every flag after `--`, in order). Otherwise (never finished, failed, metrics.json truncated, run.json missing, or a
-flag changed) it runs again; the old folder is first moved, untouched, to `<method>/superseded/seed<k>-<time>/`, so
+every flag after `--`, in order) and the same defaults for every recipe argument the command does not set (a default
+changed in the recipe since the run changes what it computes). Otherwise (never finished, failed, metrics.json
+truncated, run.json missing, a flag or a default changed) it runs again; the old folder is first moved, untouched, to `<method>/superseded/seed<k>-<time>/`, so
 every recipe starts in an empty output_dir and nothing is deleted. Writes into --output_dir: results.md,
 results.csv, reliability.png, logit_gaps.png, training_curves.png, and one folder per method and seed with the run's
-own outputs, its stdout.log and run.json.
+own outputs, its stdout.log and run.json. Runs go seed by seed (every arm's seed 0 first), so an interrupted sweep
+leaves whole seeds. With --jobs N, N recipes run at once; a failed run does not stop the others, and the
+invocation exits with an error naming every failed run after the report of the finished ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -53,8 +66,21 @@ def parse(argv=None):
     parser.add_argument("--launcher", default=None,
                         help="Command prefix for each run, e.g. 'accelerate launch --config_file ...'. Default: this "
                              "Python interpreter.")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Runs at once (default 1). Each run gets OMP_NUM_THREADS = CPUs // jobs unless "
+                             "OMP_NUM_THREADS is set.")
     parser.add_argument("--report_only", action="store_true", help="Do not run anything; tabulate what exists.")
+    parser.add_argument("--only_listed", action="store_true",
+                        help="Tabulate only the --methods and --seeds given (default: every finished run in the "
+                             "folder).")
+    parser.add_argument("--report_name", default="results",
+                        help="Stem of the tables and plots written: <name>.md, <name>.csv, <name>_reliability.png, "
+                             "... (default 'results', whose plots keep their plain names).")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more.")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.report_name):
+        parser.error(f"--report_name {args.report_name!r}: use letters, digits, '_', '-' and '.' only.")
     args.output_dir = Path(args.output_dir or f"outputs/compare-{args.task}")
     args.extra = extra
     return args
@@ -87,8 +113,40 @@ def _read_json(path: Path):
     return value, None
 
 
-def why_rerun(run_dir: Path, wanted: list[str]) -> str | None:
-    """Why `run_dir` does not hold a finished run of `wanted` (see `recipe_command`), or None when it does."""
+# Arguments whose default says where a run writes, not what it computes.
+NOT_COMPARED = frozenset({"output_dir", "logging_dir", "run_name"})
+
+def recipe_defaults(task: str) -> dict:
+    """Every argument default of `recipes/<task>.py` (its own, hf_smooth's and transformers' TrainingArguments').
+
+    The recipe is imported under a private module name (once per process), as `python recipes/<task>.py` would run
+    it, without running it."""
+    from common import argument_defaults  # recipes/common.py: importable as the scripts import it
+
+    name = f"_recipe_{task}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, HERE / f"{task}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception:
+            del sys.modules[name]
+            raise
+    return argument_defaults(module.ARGUMENT_CLASSES)
+
+
+def unset_defaults(defaults: dict, command: list[str]) -> dict:
+    """The defaults a run of `command` computes with: those of the arguments the command does not give."""
+    given = {word[2:].split("=", 1)[0] for word in command if word.startswith("--")}
+    given |= {name[3:] for name in given if name.startswith("no_")}  # HfArgumentParser's --no_<flag> switch
+    return {key: value for key, value in defaults.items() if key not in given and key not in NOT_COMPARED}
+
+
+def why_rerun(run_dir: Path, wanted: list[str], defaults: dict | None = None) -> str | None:
+    """Why `run_dir` does not hold a finished run of `wanted` (see `recipe_command`) with the recipe defaults
+    `defaults` (see `unset_defaults`; None: not compared), or None when it does."""
     _, problem = _read_json(run_dir / "metrics.json")
     if problem is not None:
         return problem
@@ -100,6 +158,14 @@ def why_rerun(run_dir: Path, wanted: list[str]) -> str | None:
         return f"{run_dir / 'run.json'} does not record the recipe command it ran (an older compare.py wrote it)"
     if before != wanted:
         return f"it ran `{shlex.join(map(str, before))}`; now asked for `{shlex.join(wanted)}`"
+    then = record.get("recipe_defaults")
+    if defaults is not None and isinstance(then, dict):
+        # Only arguments known both then and now: a transformers upgrade that adds a field changes no finished run.
+        changed = [f"{key} {then[key]!r} -> {defaults[key]!r}" for key in sorted(set(then) & set(defaults))
+                   if then[key] != defaults[key]]
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            return f"the recipe's defaults changed since it ran ({shown})"
     return None
 
 
@@ -117,16 +183,21 @@ def set_aside(run_dir: Path) -> Path:
     raise SystemExit(f"[compare] could not find a free name under {parent} to move {run_dir} to.")
 
 
-def run_one(args, spec, seed: int) -> Path:
+def run_one(args, spec, seed: int, defaults: dict | None = None, env: dict | None = None) -> Path:
+    """Run one arm and seed unless its folder holds that run finished (see `why_rerun`); SystemExit when it fails."""
     run_dir = args.output_dir / spec.slug / f"seed{seed}"
     wanted = recipe_command(args, spec, seed)
+    unset = None if defaults is None else unset_defaults(defaults, wanted)
     label = f"[compare] {spec.name} seed {seed}"
-    reason = why_rerun(run_dir, wanted)
+    reason = why_rerun(run_dir, wanted, unset)
     if reason is None:
         record, _ = _read_json(run_dir / "run.json")
         if record.get("launcher") != args.launcher:
             print(f"{label}: done already under --launcher {record.get('launcher')!r} (now {args.launcher!r}); "
                   f"reusing it. Move {run_dir} away to run it again.", flush=True)
+        if unset is not None and "recipe_defaults" not in record:
+            print(f"{label}: its run.json (from an older compare.py) does not record the recipe's defaults, so a "
+                  f"default changed since cannot be seen; reusing it. Move {run_dir} away to run it again.", flush=True)
         print(f"{label}: done already, skipping", flush=True)
         return run_dir
     if os.path.lexists(run_dir):
@@ -135,13 +206,14 @@ def run_one(args, spec, seed: int) -> Path:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]
     command = prefix + [str(HERE / wanted[0]), "--output_dir", str(run_dir), *wanted[1:]]
+    env = os.environ.copy() if env is None else env
     print(f"{label}: {shlex.join(command)}", flush=True)
     started = time.time()
     # The log is written beside the run folder while the recipe runs (the recipe may refuse a non-empty
     # output_dir), then moved into it.
     running_log = run_dir.parent / f"{run_dir.name}.log"
     with open(running_log, "w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     run_dir.mkdir(exist_ok=True)
     log_path = run_dir / "stdout.log"
     os.replace(running_log, log_path)
@@ -152,12 +224,51 @@ def run_one(args, spec, seed: int) -> Path:
     if problem is not None:
         raise SystemExit(f"{label}: the recipe exited 0 but {problem}; log {log_path}.")
     record = {"method": spec.name, "seed": seed, "spec": spec.__dict__, "task": args.task,
-              "recipe_command": wanted, "launcher": args.launcher, "command": command}
+              "recipe_command": wanted, "recipe_defaults": unset, "launcher": args.launcher, "command": command,
+              "omp_num_threads": env.get("OMP_NUM_THREADS"), "seconds": round(time.time() - started, 1),
+              "commit": checkout_commit()}
     partial = run_dir / "run.json.partial"
     partial.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(partial, run_dir / "run.json")  # written last, in one step: it marks the run finished
     print(f"{label}: {time.time() - started:.0f} s", flush=True)
     return run_dir
+
+
+def checkout_commit() -> str | None:
+    """The commit of this checkout (for the record only; a run is not keyed by it), with '+changes' when the working
+    tree differs from it; None outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def run_all(args, specs, defaults: dict | None) -> list[str]:
+    """Every arm and seed, seed by seed, `args.jobs` at a time; the failures' messages (empty when none failed)."""
+    env = os.environ.copy()
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        print(f"[compare] {args.jobs} runs at a time, each with OMP_NUM_THREADS={env['OMP_NUM_THREADS']} "
+              f"({os.cpu_count()} CPUs; set OMP_NUM_THREADS to choose)", flush=True)
+    order = [(spec, seed) for seed in args.seeds for spec in specs]
+    failures = []  # list.append is atomic: the threads only wait on their recipe's process
+
+    def one(item):
+        spec, seed = item
+        try:
+            run_one(args, spec, seed, defaults, env)
+        except SystemExit as failed:
+            failures.append(str(failed))
+            print(f"[compare] {spec.name} seed {seed} FAILED; the other runs go on.", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, order))
+    return failures
 
 
 def check_finished_runs(output_dir: Path) -> None:
@@ -174,20 +285,30 @@ def check_finished_runs(output_dir: Path) -> None:
                          "without --report_only to run it again, or move its folder away.")
 
 
-def report(output_dir: Path, order: list[str]) -> dict:
+def report(output_dir: Path, order: list[str], name: str = "results", seeds: list[int] | None = None) -> dict:
     """Tabulate and plot every finished run under `output_dir`: the requested methods first, in `order`, then any
-    other method found there (a directory shared by two sweeps is reported whole)."""
+    other method found there (a directory shared by two sweeps is reported whole). With `seeds`, only the runs of
+    the methods in `order` and of those seeds (`--only_listed`). Writes `<name>.md`, `<name>.csv` and the plots
+    (`reliability.png`, ... for the name 'results'; `<name>_reliability.png`, ... otherwise)."""
     from hf_smooth.plots import plot_logit_gaps, plot_reliability
     from hf_smooth.demo.report import load_runs, plot_training_curves, pool_diagnostics, summarize, to_csv, to_markdown
 
     check_finished_runs(output_dir)
     runs = load_runs(output_dir)
+    if seeds is not None:
+        runs = [run for run in runs if run.method in order and run.seed in seeds]
+        absent = [f"{method} seed {seed}" for method in order for seed in seeds
+                  if not any(run.method == method and run.seed == seed for run in runs)]
+        if absent:
+            print(f"[compare] not finished, left out of {name}.md: {', '.join(absent)}", flush=True)
     if not runs:
-        raise SystemExit(f"No finished runs under {output_dir}.")
+        raise SystemExit(f"No finished runs under {output_dir}" + (" for the listed methods and seeds." if seeds
+                                                                   is not None else "."))
     found = list(dict.fromkeys(run.method for run in runs))
     summary = summarize(runs, order=[m for m in order if m in found] + [m for m in found if m not in order])
-    (output_dir / "results.md").write_text(to_markdown(summary))
-    (output_dir / "results.csv").write_text(to_csv(summary))
+    (output_dir / f"{name}.md").write_text(to_markdown(summary))
+    (output_dir / f"{name}.csv").write_text(to_csv(summary))
+    stem = "" if name == "results" else f"{name}_"
     pooled, missing = {}, []
     for method in summary["methods"]:
         states = []
@@ -202,9 +323,9 @@ def report(output_dir: Path, order: list[str]) -> dict:
     if missing:
         print(f"[compare] no diagnostics.json (left out of the calibration plots) in: {', '.join(missing)}", flush=True)
     if pooled:
-        plot_reliability(pooled, output_dir / "reliability.png")
-        plot_logit_gaps(pooled, output_dir / "logit_gaps.png")
-    plot_training_curves(runs, output_dir / "training_curves.png")
+        plot_reliability(pooled, output_dir / f"{stem}reliability.png")
+        plot_logit_gaps(pooled, output_dir / f"{stem}logit_gaps.png")
+    plot_training_curves(runs, output_dir / f"{stem}training_curves.png")
     print(to_markdown(summary), flush=True)
     return summary
 
@@ -241,12 +362,19 @@ def main(argv=None):
         raise SystemExit(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed; each seed is one run.")
     check_launcher(args.launcher)
     started = time.time()
-    if not args.report_only:
-        for spec in specs:
-            for seed in args.seeds:
-                run_one(args, spec, seed)
-    summary = report(args.output_dir, [spec.name for spec in specs])
-    print(f"[compare] total {time.time() - started:.0f} s; tables in {args.output_dir}/results.md", flush=True)
+    failures = [] if args.report_only else run_all(args, specs, recipe_defaults(args.task))
+    names = [spec.name for spec in specs]
+    try:
+        summary = report(args.output_dir, names, args.report_name, args.seeds if args.only_listed else None)
+    except SystemExit:
+        if not failures:
+            raise
+        summary = None  # nothing finished to tabulate: the failures below say why
+    if failures:
+        raise SystemExit(f"[compare] {len(failures)} run(s) failed (the finished ones are kept and tabulated):\n"
+                         + "\n".join(failures))
+    print(f"[compare] total {time.time() - started:.0f} s; tables in {args.output_dir}/{args.report_name}.md",
+          flush=True)
     return summary
 
 

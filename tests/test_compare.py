@@ -198,7 +198,8 @@ def test_pool_diagnostics_rejects_mismatched_or_empty():
 # Receives `<recipe.py> --output_dir D --seed S <method flags> <extra flags>` like the real recipes, appends its
 # command line to calls.jsonl and writes metrics that are a known function of the method and the seed. Like the real
 # recipes (issue 11.4) it refuses an output_dir that is not empty. Set FAKE_RECIPE_FAIL=<seed> to make that seed
-# fail, FAKE_RECIPE_NO_METRICS=1 to make it exit 0 without writing metrics.json.
+# fail, FAKE_RECIPE_NO_METRICS=1 to make it exit 0 without writing metrics.json, FAKE_RECIPE_BARRIER=<folder>:<n> to
+# make each run wait until n runs have started (fails after 60 s).
 FAKE_RECIPE = r'''
 import json, os, sys
 from pathlib import Path
@@ -217,6 +218,17 @@ if os.environ.get("FAKE_RECIPE_FAIL") == str(seed):
     sys.exit(3)
 if os.environ.get("FAKE_RECIPE_NO_METRICS"):
     sys.exit(0)
+(out / "omp_num_threads.txt").write_text(os.environ.get("OMP_NUM_THREADS", "unset"))
+barrier = os.environ.get("FAKE_RECIPE_BARRIER")  # "<folder>:<count>": wait until <count> runs have started
+if barrier:
+    import time
+    folder, count = barrier.rsplit(":", 1)
+    Path(folder, out.parent.name + "-" + out.name).touch()
+    deadline = time.time() + 60
+    while len(list(Path(folder).iterdir())) < int(count):
+        if time.time() > deadline:
+            sys.exit("barrier: the other runs did not start while this one ran")
+        time.sleep(0.05)
 alpha = float(flags.get("--smoothing_alpha", 0.0))
 metrics = {"eval_nll": 1.0 + alpha + 0.5 * seed, "eval_mean_token_accuracy": 0.5 - alpha + 0.01 * seed}
 (out / "metrics.json").write_text(json.dumps(metrics))
@@ -233,6 +245,7 @@ def fake_recipe(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_RECIPE_LOG", str(log))
     monkeypatch.delenv("FAKE_RECIPE_FAIL", raising=False)
     monkeypatch.delenv("FAKE_RECIPE_NO_METRICS", raising=False)
+    monkeypatch.delenv("FAKE_RECIPE_BARRIER", raising=False)
 
     def calls():
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -292,6 +305,156 @@ def test_runner_stops_on_a_failed_run(tmp_path, fake_recipe, monkeypatch):
                              "--launcher", launcher])
     assert (out / "ls0p1" / "seed0" / "metrics.json").is_file()
     assert not (out / "ls0p1" / "seed1" / "metrics.json").exists()  # so the next invocation runs it again
+
+
+def test_runner_goes_seed_by_seed(tmp_path, fake_recipe):
+    """Every arm's seed 0 before any seed 1: an interrupted sweep leaves whole seeds."""
+    launcher, calls = fake_recipe
+    load_compare().main(["--methods", "ce", "ls:0.1", "--seeds", "0", "1", "--output_dir", str(tmp_path / "cmp"),
+                         "--launcher", launcher])
+    order = [(Path(c[c.index("--output_dir") + 1]).parent.name, c[c.index("--seed") + 1]) for c in calls()]
+    assert order == [("ce", "0"), ("ls0p1", "0"), ("ce", "1"), ("ls0p1", "1")]
+
+
+def test_runner_jobs_run_at_once_with_their_threads(tmp_path, fake_recipe, monkeypatch):
+    """--jobs 2: two recipes run at the same time (each waits for the other to start; one at a time, the first
+    would give up after 60 s and fail), and each gets OMP_NUM_THREADS = CPUs // 2 when it is unset."""
+    launcher, calls = fake_recipe
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    monkeypatch.setenv("FAKE_RECIPE_BARRIER", f"{barrier}:2")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    out = tmp_path / "cmp"
+    compare = load_compare()
+    summary = compare.main(["--methods", "ce", "ls:0.1", "--seeds", "0", "--jobs", "2", "--output_dir", str(out),
+                            "--launcher", launcher])
+    assert len(calls()) == 2 and summary["methods"] == ["CE", "LS 0.1"]
+    for slug in ("ce", "ls0p1"):
+        assert (out / slug / "seed0" / "omp_num_threads.txt").read_text() == "3"
+        assert json.loads((out / slug / "seed0" / "run.json").read_text())["omp_num_threads"] == "3"
+
+    # A thread count the user set is kept.
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    for old in barrier.iterdir():
+        old.unlink()
+    compare.main(["--methods", "ce", "ls:0.1", "--seeds", "1", "--jobs", "2", "--output_dir", str(out),
+                  "--launcher", launcher])
+    assert (out / "ls0p1" / "seed1" / "omp_num_threads.txt").read_text() == "5"
+
+
+def test_runner_jobs_a_failure_does_not_stop_the_others(tmp_path, fake_recipe, monkeypatch, capsys):
+    launcher, calls = fake_recipe
+    monkeypatch.setenv("FAKE_RECIPE_FAIL", "0")
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as stopped:
+        load_compare().main(["--methods", "ce", "ls:0.1", "--seeds", "0", "1", "--jobs", "2",
+                             "--output_dir", str(out), "--launcher", launcher])
+    text = str(stopped.value)
+    assert text.startswith("[compare] 2 run(s) failed") and text.count("boom: simulated failure") == 2
+    assert "CE seed 0: run failed (3)" in text and "LS 0.1 seed 0: run failed (3)" in text
+    assert len(calls()) == 4  # seed 1 of both arms still ran
+    assert sorted(p.parent.parent.name for p in out.glob("*/seed1/metrics.json")) == ["ce", "ls0p1"]
+    assert not list(out.glob("*/seed0/metrics.json"))
+    assert "| CE | 1 |" in (out / "results.md").read_text()  # the finished runs are tabulated
+    assert "FAILED; the other runs go on" in capsys.readouterr().out
+
+
+def test_runner_reruns_an_arm_whose_recipe_default_changed(tmp_path, fake_recipe, monkeypatch, capsys):
+    """A run is keyed by the defaults of the arguments its command does not give, as well as by the command: a
+    recipe default changed since the run makes it run again (the old folder moved aside), a changed default of a
+    flag the command gives does not, nor does an argument that only one side knows."""
+    launcher, calls = fake_recipe
+    compare = load_compare()
+    real = compare.recipe_defaults("clm")
+    assert real["learning_rate"] > 0 and real["smoothing_method"] is None
+    defaults = {"learning_rate": 5e-4, "max_steps": -1, "seed": 42, "output_dir": "outputs/clm"}
+    monkeypatch.setattr(compare, "recipe_defaults", lambda task: dict(defaults))
+    out = tmp_path / "cmp"
+    argv = ["--methods", "ls:0.1", "--seeds", "0", "--output_dir", str(out), "--launcher", launcher, "--",
+            "--max_steps", "3"]
+    compare.main(argv)
+    record = json.loads((out / "ls0p1" / "seed0" / "run.json").read_text())
+    assert record["recipe_defaults"] == {"learning_rate": 5e-4}  # given flags and the output folder left out
+
+    for change in ({"max_steps": 10}, {"seed": 1}, {"output_dir": "elsewhere"}, {"new_argument": 1}):
+        defaults.update(change)
+        compare.main(argv)
+    assert len(calls()) == 1
+    capsys.readouterr()
+
+    defaults["learning_rate"] = 1e-3
+    compare.main(argv)
+    assert len(calls()) == 2
+    assert "the recipe's defaults changed since it ran (learning_rate 0.0005 -> 0.001)" in capsys.readouterr().out
+    assert len(list((out / "ls0p1" / "superseded").iterdir())) == 1
+
+    # A run.json from before defaults were recorded is reused, and the runner says it cannot check them.
+    path = out / "ls0p1" / "seed0" / "run.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "recipe_defaults"}))
+    compare.main(argv)
+    assert len(calls()) == 2 and "does not record the recipe's defaults" in capsys.readouterr().out
+
+
+def test_recipe_defaults_are_the_parsers_defaults():
+    """The recorded defaults are what the recipe's own argument parser fills in when a flag is not given."""
+    from transformers import HfArgumentParser
+
+    from common import argument_defaults
+    from recipe_helpers import load_recipe
+
+    for name in ("clm", "translation"):
+        classes = load_recipe(name).ARGUMENT_CLASSES
+        recorded = argument_defaults(classes)
+        namespace, _ = HfArgumentParser(classes).parse_known_args([])
+        parsed = json.loads(json.dumps(vars(namespace), default=str))
+        assert set(recorded) <= set(parsed) and len(recorded) > 100
+        differ = {key: (recorded[key], parsed[key]) for key in recorded if recorded[key] != parsed[key]}
+        # HfArgumentParser reads two transformers defaults through their Union types ("no" as False, "" as None);
+        # every other default, the recipes' and hf_smooth's included, is the parser's own.
+        assert all(then in ("no", "") and now in (False, None) for then, now in differ.values()), differ
+        assert {"learning_rate", "smoothing_method", "smoothing_alpha", "lora_r"} <= set(recorded)
+
+
+def test_report_only_listed_arms_and_seeds_under_a_name(tmp_path, fake_recipe, capsys):
+    """A one-seed sweep shares the folder of a three-seed comparison: --only_listed --report_name tabulates just the
+    sweep's arms at its seed, in files of its own, and names what is listed but not finished."""
+    launcher, _ = fake_recipe
+    compare = load_compare()
+    out = tmp_path / "cmp"
+    compare.main(["--methods", "ce", "ls:0.1", "--seeds", "0", "1", "--output_dir", str(out), "--launcher", launcher])
+    compare.main(["--methods", "ls:0.2", "--seeds", "0", "--output_dir", str(out), "--launcher", launcher])
+    capsys.readouterr()
+    summary = compare.main(["--methods", "ce", "ls:0.1", "ls:0.2", "ls:0.3", "--seeds", "0", "--output_dir", str(out),
+                            "--report_only", "--only_listed", "--report_name", "sweep"])
+    assert summary["methods"] == ["CE", "LS 0.1", "LS 0.2"]
+    # The fake recipe's eval_nll is 1 + alpha + 0.5 * seed: seed 0 only.
+    assert [summary["cells"][m]["eval_nll"][:2] for m in summary["methods"]] == [
+        (1.0, None), (pytest.approx(1.1), None), (pytest.approx(1.2), None)]
+    assert (out / "sweep.md").read_text() == to_markdown(summary)
+    assert (out / "sweep.csv").is_file() and (out / "sweep_training_curves.png").is_file()
+    assert "not finished, left out of sweep.md: LS 0.3 seed 0" in capsys.readouterr().out
+    assert "| 2 |" in (out / "results.md").read_text()  # the whole-folder table is untouched
+
+
+@pytest.mark.parametrize("argv, message", [(["--jobs", "0"], "--jobs 0: give 1 or more"),
+                                           (["--report_name", "../x"], "--report_name '../x'")])
+def test_runner_bad_jobs_and_report_name(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        load_compare().main(argv + ["--output_dir", str(tmp_path / "cmp")])
+    assert message in capsys.readouterr().err
+
+
+def test_distinct_output_share(tmp_path):
+    from hf_smooth.demo.report import distinct_output_share
+
+    path = tmp_path / "eval_predictions.jsonl"
+    rows = [("a", "x"), ("b", "x"), ("c", "y"), ("a", "x"), ("d", "z")]  # 4 distinct sources, 3 distinct outputs
+    path.write_text("".join(json.dumps({"source": s, "reference": "r", "hypothesis": h}) + "\n" for s, h in rows)
+                    + "\n")
+    assert distinct_output_share(path) == 3 / 4
+    path.write_text(json.dumps({"text": "no source"}) + "\n")
+    assert distinct_output_share(path) is None
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -459,8 +622,14 @@ def test_compare_translation_two_methods_two_seeds(tmp_path, capsys):
     for (method, seed), m in metrics.items():
         assert m["seed"] == seed and m["smoothing_alpha"] == 0.1
         assert m["smoothing_method"] == {"LS 0.1": "label_smoothing", "MaxSup 0.1": "maxsup"}[method]
-    keys = ["eval_nll", "eval_ppl", "eval_mean_token_accuracy", "eval_ece", "eval_ece_adaptive", "eval_brier",
-            "eval_entropy", "eval_logit_gap", "eval_bleu", "eval_chrf"]
+    for (method, seed), m in metrics.items():  # computed here from the predictions file, as a translator would
+        slug = {"LS 0.1": "ls0p1", "MaxSup 0.1": "maxsup0p1"}[method]
+        with open(out / slug / f"seed{seed}" / "eval_predictions.jsonl") as lines:
+            rows = [json.loads(line) for line in lines]
+        assert len(rows) == 16
+        m["eval_distinct_outputs"] = len({r["hypothesis"] for r in rows}) / len({r["source"] for r in rows})
+    keys = ["eval_nll", "eval_ppl", "eval_mean_token_accuracy", "eval_ece", "eval_ece_adaptive", "eval_confidence",
+            "eval_brier", "eval_entropy", "eval_logit_gap", "eval_bleu", "eval_chrf", "eval_distinct_outputs"]
     for key in keys:
         assert all(isinstance(m.get(key), float) and math.isfinite(m[key]) for m in metrics.values()), key
 

@@ -18,6 +18,7 @@ from ..methods import get_method
 __all__ = [
     "Run",
     "MethodSpec",
+    "distinct_output_share",
     "load_runs",
     "pool_diagnostics",
     "summarize",
@@ -33,11 +34,13 @@ DEFAULT_METRICS = [
     ("eval_mean_token_accuracy", "token acc.", False),
     ("eval_ece", "ECE", True),
     ("eval_ece_adaptive", "ECE (adaptive)", True),
+    ("eval_confidence", "confidence", None),
     ("eval_brier", "Brier", True),
     ("eval_entropy", "entropy", None),
     ("eval_logit_gap", "logit gap", None),
     ("eval_bleu", "BLEU", False),
     ("eval_chrf", "chrF", False),
+    ("eval_distinct_outputs", "distinct outputs", False),
 ]
 
 
@@ -106,19 +109,40 @@ class Run:
         return json.loads(path.read_text()) if path.is_file() else []
 
 
+def distinct_output_share(path: str | Path) -> float | None:
+    """Distinct hypotheses / distinct sources in an ``eval_predictions.jsonl`` (rows with ``source`` and
+    ``hypothesis``): 1.0 when every distinct source gets its own output, near 0 when the model says one thing to
+    everything. None when the file has no such rows."""
+    sources, hypotheses = set(), set()
+    with open(path) as rows:
+        for line in rows:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "source" in row and "hypothesis" in row:
+                sources.add(row["source"])
+                hypotheses.add(row["hypothesis"])
+    return len(hypotheses) / len(sources) if sources else None
+
+
 def load_runs(root: str | Path) -> list[Run]:
-    """Every ``<root>/<method-slug>/seed<k>/metrics.json``, with the method name recorded in ``run.json``."""
+    """Every ``<root>/<method-slug>/seed<k>/metrics.json``, with the method name recorded in ``run.json``; a run with
+    an ``eval_predictions.jsonl`` also gets ``eval_distinct_outputs`` (see `distinct_output_share`)."""
     runs = []
     for metrics_path in sorted(Path(root).glob("*/seed*/metrics.json")):
         run_dir = metrics_path.parent
         info_path = run_dir / "run.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        metrics = json.loads(metrics_path.read_text())
+        predictions = run_dir / "eval_predictions.jsonl"
+        if "eval_distinct_outputs" not in metrics and predictions.is_file():
+            metrics["eval_distinct_outputs"] = distinct_output_share(predictions)
         runs.append(
             Run(
                 method=info.get("method", run_dir.parent.name),
                 seed=int(info.get("seed", run_dir.name.removeprefix("seed"))),
                 path=run_dir,
-                metrics=json.loads(metrics_path.read_text()),
+                metrics=metrics,
             )
         )
     return runs
