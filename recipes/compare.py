@@ -30,7 +30,9 @@ every recipe starts in an empty output_dir and nothing is deleted. Writes into -
 results.csv, reliability.png, logit_gaps.png, training_curves.png, and one folder per method and seed with the run's
 own outputs, its stdout.log and run.json. Runs go seed by seed (every arm's seed 0 first), so an interrupted sweep
 leaves whole seeds. With --jobs N, N recipes run at once; a failed run does not stop the others, and the
-invocation exits with an error naming every failed run after the report of the finished ones.
+invocation exits with an error naming every failed run after the report of the finished ones. While a run runs, its
+`<seed>.lock` beside the folder says who runs it: a second invocation on the same folder (here or on another machine
+sharing it) leaves that run alone instead of moving it aside under the running recipe.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -200,10 +203,59 @@ def run_one(args, spec, seed: int, defaults: dict | None = None, env: dict | Non
                   f"default changed since cannot be seen; reusing it. Move {run_dir} away to run it again.", flush=True)
         print(f"{label}: done already, skipping", flush=True)
         return run_dir
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock, holder = claim(run_dir, label)
+    if lock is None:
+        print(f"{label}: another compare.py ({holder}) is running it now (lock {run_dir}.lock); left to it.",
+              flush=True)
+        return run_dir
+    try:
+        return _run_claimed(args, spec, seed, run_dir, wanted, unset, env, label)
+    finally:
+        os.unlink(lock)
+
+
+def _process_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # someone else's process, or a pid we cannot read: assume it runs
+    return True
+
+
+def claim(run_dir: Path, label: str) -> tuple[Path | None, str | None]:
+    """Take `<run_dir>.lock` for this process: `(lock path, None)`, or `(None, who holds it)` when another invocation
+    (this machine or another sharing the folder) is running that run. A lock left on this machine by a process that
+    no longer runs is taken over, and said."""
+    lock = run_dir.parent / f"{run_dir.name}.lock"
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder, _ = _read_json(lock)  # None while its owner has not yet written it: held
+            who = "unknown" if holder is None else f"pid {holder.get('pid')} on {holder.get('host')}"
+            if holder is not None and holder.get("host") == me["host"] and not _process_alive(holder.get("pid")):
+                print(f"{label}: {lock} was left by {who}, which no longer runs; taking it over.", flush=True)
+                os.unlink(lock)
+                continue
+            return None, who
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(me, handle)
+        return lock, None
+    return None, "a process that keeps taking it"
+
+
+def _run_claimed(args, spec, seed, run_dir, wanted, unset, env, label) -> Path:
+    reason = why_rerun(run_dir, wanted, unset)  # again, under the lock: another invocation may have finished it
+    if reason is None:
+        print(f"{label}: finished by another invocation meanwhile, skipping", flush=True)
+        return run_dir
     if os.path.lexists(run_dir):
         moved = set_aside(run_dir)
         print(f"{label}: running again: {reason}. The old folder is now {moved}.", flush=True)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]
     command = prefix + [str(HERE / wanted[0]), "--output_dir", str(run_dir), *wanted[1:]]
     env = os.environ.copy() if env is None else env

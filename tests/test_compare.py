@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import re
 import shlex
 import statistics
@@ -414,6 +415,41 @@ def test_recipe_defaults_are_the_parsers_defaults():
         # every other default, the recipes' and hf_smooth's included, is the parser's own.
         assert all(then in ("no", "") and now in (False, None) for then, now in differ.values()), differ
         assert {"learning_rate", "smoothing_method", "smoothing_alpha", "lora_r"} <= set(recorded)
+
+
+def test_runner_leaves_a_run_another_invocation_holds(tmp_path, fake_recipe, capsys):
+    """`<seed>.lock` held by a live process (this test, standing in for a second compare.py): that run is left alone,
+    the others run; a lock from a process that no longer runs is taken over and removed after the run."""
+    import socket
+    import subprocess
+
+    launcher, calls = fake_recipe
+    compare = load_compare()
+    out = tmp_path / "cmp"
+    (out / "ce").mkdir(parents=True)
+    lock = out / "ce" / "seed0.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    (out / "ce" / "seed0").mkdir()
+    (out / "ce" / "seed0" / "partial.bin").write_bytes(b"being written")  # the other invocation's running recipe
+    argv = ["--methods", "ce", "--seeds", "0", "1", "--output_dir", str(out), "--launcher", launcher]
+    compare.main(argv)
+    assert [c[c.index("--seed") + 1] for c in calls()] == ["1"]
+    assert f"is running it now (lock {out / 'ce' / 'seed0'}.lock); left to it" in capsys.readouterr().out
+    assert (out / "ce" / "seed0" / "partial.bin").read_bytes() == b"being written"  # not moved aside
+    assert not (out / "ce" / "superseded").exists() and lock.exists()
+    assert not (out / "ce" / "seed1.lock").exists()  # ours is released
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout)}))
+    compare.main(argv)
+    assert [c[c.index("--seed") + 1] for c in calls()] == ["1", "0"]
+    assert "which no longer runs; taking it over" in capsys.readouterr().out
+    assert not lock.exists() and (out / "ce" / "seed0" / "metrics.json").is_file()
+
+    lock.write_text(json.dumps({"host": "another-machine", "pid": 1}))  # a shared folder: never taken over
+    (out / "ce" / "seed0" / "metrics.json").unlink()
+    compare.main(argv)
+    assert len(calls()) == 2 and "pid 1 on another-machine" in capsys.readouterr().out
 
 
 def test_report_only_listed_arms_and_seeds_under_a_name(tmp_path, fake_recipe, capsys):
