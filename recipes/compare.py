@@ -79,6 +79,10 @@ def parse(argv=None):
     parser.add_argument("--report_name", default="results",
                         help="Stem of the tables and plots written: <name>.md, <name>.csv, <name>_reliability.png, "
                              "... (default 'results', whose plots keep their plain names).")
+    parser.add_argument("--export", type=Path, default=None,
+                        help="Also copy the table, its plots and each tabulated run's metrics.json, run.json, "
+                             "log_history.json, diagnostics.json and eval_predictions.jsonl (no model) to this folder, "
+                             "e.g. docs/results/clm to commit them with docs/results.md.")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give 1 or more.")
@@ -379,7 +383,52 @@ def report(output_dir: Path, order: list[str], name: str = "results", seeds: lis
         plot_logit_gaps(pooled, output_dir / f"{stem}logit_gaps.png")
     plot_training_curves(runs, output_dir / f"{stem}training_curves.png")
     print(to_markdown(summary), flush=True)
+    summary["runs"] = runs
     return summary
+
+
+# What --export copies of each run: the numbers and the record, not the model.
+EXPORTED_RUN_FILES = ("metrics.json", "run.json", "log_history.json", "diagnostics.json", "eval_predictions.jsonl")
+EXPORT_RECORD = "EXPORTED.json"
+
+
+def export(output_dir: Path, name: str, summary: dict, destination: Path) -> list[Path]:
+    """Copy the table, its plots and each tabulated run's EXPORTED_RUN_FILES to `destination` (e.g. under docs/, to
+    commit), keeping the `<method>/seed<k>/` layout so that the table can be rebuilt from the copy. A destination
+    that holds anything but an earlier export's files (listed in its EXPORTED.json) is refused: nothing this
+    function did not write is overwritten or removed."""
+    stem = "" if name == "results" else f"{name}_"
+    files = [output_dir / f"{name}.md", output_dir / f"{name}.csv"]
+    files += [output_dir / f"{stem}{plot}.png" for plot in ("reliability", "logit_gaps", "training_curves")]
+    copies = [(path, destination / path.name) for path in files if path.is_file()]
+    for run in summary["runs"]:
+        for file in EXPORTED_RUN_FILES:
+            if (run.path / file).is_file():
+                copies.append((run.path / file, destination / run.path.parent.name / run.path.name / file))
+    earlier = []
+    if destination.exists():
+        record, problem = _read_json(destination / EXPORT_RECORD)
+        present = sorted(p.relative_to(destination).as_posix() for p in destination.rglob("*") if p.is_file())
+        earlier = [] if record is None else list(record.get("files", []))
+        foreign = [p for p in present if p not in earlier and p != EXPORT_RECORD]
+        if foreign:
+            raise SystemExit(f"[compare] --export {destination}: it holds files an export did not write ("
+                             f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); give an empty or new "
+                             f"folder.")
+    for old in earlier:  # an earlier export of ours: replaced whole, so no run of an older table lingers
+        (destination / old).unlink(missing_ok=True)
+    for source, target in copies:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    written = sorted(target.relative_to(destination).as_posix() for _, target in copies)
+    (destination / EXPORT_RECORD).write_text(json.dumps({"source": str(output_dir), "table": f"{name}.md",
+                                                         "files": written}, indent=2) + "\n")
+    ours = {parent for old in earlier for parent in (destination / old).parents if destination in parent.parents}
+    for folder in sorted(ours, key=lambda p: len(p.parts), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # a run folder of an earlier export, emptied above and not written again
+    print(f"[compare] exported {len(written)} files to {destination}", flush=True)
+    return [target for _, target in copies]
 
 
 def check_launcher(launcher: str | None) -> None:
@@ -422,6 +471,8 @@ def main(argv=None):
         if not failures:
             raise
         summary = None  # nothing finished to tabulate: the failures below say why
+    if args.export is not None and summary is not None:
+        export(args.output_dir, args.report_name, summary, args.export)
     if failures:
         raise SystemExit(f"[compare] {len(failures)} run(s) failed (the finished ones are kept and tabulated):\n"
                          + "\n".join(failures))

@@ -452,6 +452,37 @@ def test_runner_leaves_a_run_another_invocation_holds(tmp_path, fake_recipe, cap
     assert len(calls()) == 2 and "pid 1 on another-machine" in capsys.readouterr().out
 
 
+def test_export_copies_what_rebuilds_the_table_and_nothing_else(tmp_path, fake_recipe, capsys):
+    """--export: the table, its plots and each tabulated run's records, from which the same table is rebuilt; a later
+    export replaces only what an export wrote; a folder with anything else in it is refused, untouched."""
+    launcher, _ = fake_recipe
+    compare = load_compare()
+    out, dest = tmp_path / "cmp", tmp_path / "docs" / "clm"
+    argv = ["--methods", "ce", "ls:0.1", "--seeds", "0", "1", "--output_dir", str(out), "--launcher", launcher]
+    compare.main(argv + ["--export", str(dest)])
+    (out / "ce" / "seed0" / "model.safetensors").write_bytes(b"weights")
+    assert (dest / "results.md").read_text() == (out / "results.md").read_text()
+    assert (dest / "training_curves.png").is_file() and not list(dest.rglob("model.safetensors"))
+    for slug in ("ce", "ls0p1"):
+        for seed in (0, 1):
+            for name in ("metrics.json", "run.json", "log_history.json"):
+                assert (dest / slug / f"seed{seed}" / name).read_bytes() == (out / slug / f"seed{seed}" / name).read_bytes()
+    rebuilt = summarize(load_runs(dest), order=["CE", "LS 0.1"])
+    assert to_markdown(rebuilt) == (dest / "results.md").read_text()
+
+    # Exporting a one-seed table to the same folder replaces the earlier export: no seed-1 run lingers.
+    compare.main(argv[:4] + ["0"] + argv[6:] + ["--report_only", "--only_listed", "--export", str(dest)])
+    assert sorted(p.parent.name for p in dest.glob("*/seed*/metrics.json")) == ["seed0", "seed0"]
+    assert not (dest / "ce" / "seed1").exists()
+    assert to_markdown(summarize(load_runs(dest), order=["CE", "LS 0.1"])) == (dest / "results.md").read_text()
+
+    (dest / "notes.txt").write_text("mine")
+    before = tree_bytes(dest)
+    with pytest.raises(SystemExit, match=r"--export .* holds files an export did not write \(notes\.txt\)"):
+        compare.main(argv + ["--report_only", "--export", str(dest)])
+    assert tree_bytes(dest) == before
+
+
 def test_report_only_listed_arms_and_seeds_under_a_name(tmp_path, fake_recipe, capsys):
     """A one-seed sweep shares the folder of a three-seed comparison: --only_listed --report_name tabulates just the
     sweep's arms at its seed, in files of its own, and names what is listed but not finished."""
