@@ -71,7 +71,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 
 from common import DataSourceArguments, EvalDiagnosticsMixin, LoraArguments, OutputDirArguments, RecipeError
 from common import apply_lora, build_trainer, check_data_sources, load_data_files, load_hub_dataset, recipe_main
-from common import run_description, start_run, train_and_report, write_metrics
+from common import catalog_package_pairs, run_description, start_run, train_and_report, write_metrics
 from peak_memory import PeakMemoryCallback
 
 from hf_smooth import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
@@ -240,10 +240,8 @@ def load_model(args: ModelArguments):
 
 
 def load_translation_pairs(args: DataArguments):
-    """(train, test, description) for --embedded_translation: recipes/translation.py's catalog split, so both recipes
-    are scored on the same test pairs."""
-    from translation import catalog_package_pairs
-
+    """(train, test, description) for --embedded_translation: the catalog split recipes/translation.py trains and
+    tests on."""
     return catalog_package_pairs("en", args.embedded_translation)
 
 

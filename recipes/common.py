@@ -268,6 +268,26 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
 SMOOTHING_GROUP = "smoothing (hf_smooth)"
 
 
+def catalog_package_pairs(src: str, tgt: str):
+    """(train, test, description) from the pinned catalog packages, split by English string (seed 0, 1,000 test
+    pairs; the 1,000 dev pairs are not used here): translation.py's default data, and clm.py's with
+    --embedded_translation, so that both recipes are scored on the same test pairs."""
+    from hf_smooth.demo.catalogs import catalog_pairs, merge_pairs, split_by_source
+
+    if src != "en":
+        raise RecipeError(f"--embedded_catalogs packages reads English->X catalogs: --source_lang {src} is not en.")
+    try:
+        sources = catalog_pairs(tgt, strict=True)
+    except (ImportError, ValueError) as error:
+        raise RecipeError(f"The catalog packages cannot be read: {error}") from None
+    pairs = merge_pairs(sources)
+    splits = split_by_source(pairs, test_pairs=1000, dev_pairs=1000, seed=0)
+    names = ", ".join(f"{s.package}=={s.version}" for s in sources)
+    description = (f"gettext/JSON translation catalogs of {len(sources)} packages ({names}) {src}->{tgt}, "
+                   f"{len(pairs)} pairs, test split (embedded)")
+    return splits["train"], splits["test"], description
+
+
 def argument_defaults(dataclass_types) -> dict:
     """Every argument's default as plain JSON values (enums and other objects as their `str`): what a run computes
     with for each flag it does not give. `recipes/compare.py` records them to notice a default changed since a run."""

@@ -64,7 +64,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSe
 
 from common import DataSourceArguments, EvalDiagnosticsMixin, LoraArguments, OutputDirArguments, RecipeError
 from common import apply_lora, build_trainer, check_data_sources, load_data_files, load_hub_dataset, recipe_main
-from common import run_description, start_run, train_and_report
+from common import catalog_package_pairs, run_description, start_run, train_and_report
 
 from hf_smooth import SmoothSeq2SeqTrainer, SmoothSeq2SeqTrainingArguments  # noqa: E402
 
@@ -237,25 +237,6 @@ def resolve_embedded_catalogs(requested: list[str]) -> list[str]:
           f"plone.app.locales (~2.9k pairs; the defaults are sized for the 33.7k-pair catalog data: add "
           f"--num_train_epochs 30). For the default data:\n  {install_command()}", flush=True)
     return ["plone"]
-
-
-def catalog_package_pairs(src: str, tgt: str):
-    """(train, test, description) from the pinned catalog packages, split by English string (seed 0, 1,000 test
-    pairs; the 1,000 dev pairs are not used here)."""
-    from hf_smooth.demo.catalogs import catalog_pairs, merge_pairs, split_by_source
-
-    if src != "en":
-        raise RecipeError(f"--embedded_catalogs packages reads English->X catalogs: --source_lang {src} is not en.")
-    try:
-        sources = catalog_pairs(tgt, strict=True)
-    except (ImportError, ValueError) as error:
-        raise RecipeError(f"The catalog packages cannot be read: {error}") from None
-    pairs = merge_pairs(sources)
-    splits = split_by_source(pairs, test_pairs=1000, dev_pairs=1000, seed=0)
-    names = ", ".join(f"{s.package}=={s.version}" for s in sources)
-    description = (f"gettext/JSON translation catalogs of {len(sources)} packages ({names}) {src}->{tgt}, "
-                   f"{len(pairs)} pairs, test split (embedded)")
-    return splits["train"], splits["test"], description
 
 
 def load_pairs(args: DataArguments):

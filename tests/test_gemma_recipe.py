@@ -229,8 +229,9 @@ def test_gemma_translation_recipe_two_steps(tmp_path):
     assert metrics["train_peak_memory_mib"] > 1000  # the float32 model alone is ~1 GiB
     # A pretrained multilingual model, scored on completions only: far below the uniform NLL log(262144) = 12.5.
     assert metrics["eval_nll"] < 6.0
-    translation = load_recipe("translation")
-    test = translation.catalog_package_pairs("en", "de")[1][:4]
+    from common import catalog_package_pairs
+
+    test = catalog_package_pairs("en", "de")[1][:4]
     for stage in ("before", "after"):
         rows = [json.loads(line) for line in (out / f"translation_{stage}.jsonl").read_text().splitlines()]
         assert [(row["source"], row["reference"]) for row in rows] == test
