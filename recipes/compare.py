@@ -176,18 +176,20 @@ def why_rerun(run_dir: Path, wanted: list[str], defaults: dict | None = None) ->
     return None
 
 
-def set_aside(run_dir: Path) -> Path:
-    """Move an old run folder to `<method>/superseded/<seed>-<time>/` unchanged (outside the `*/seed*/` pattern the
-    report reads), so the recipe gets an empty output_dir and nothing a run wrote is deleted."""
+def set_aside(run_dir: Path, suffix: str = "") -> Path:
+    """Move an old run folder (or an interrupted run's log, with `suffix` '.log') to
+    `<method>/superseded/<seed>-<time><suffix>` unchanged (outside the `*/seed*/` pattern the report reads), so the
+    recipe gets an empty output_dir and nothing a run wrote is deleted."""
     parent = run_dir.parent / "superseded"
     parent.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    source = run_dir.parent / f"{run_dir.name}{suffix}"
     for attempt in range(1000):
-        destination = parent / (f"{run_dir.name}-{stamp}" + (f"-{attempt}" if attempt else ""))
+        destination = parent / (f"{run_dir.name}-{stamp}" + (f"-{attempt}" if attempt else "") + suffix)
         if not os.path.lexists(destination):
-            os.rename(run_dir, destination)
+            os.rename(source, destination)
             return destination
-    raise SystemExit(f"[compare] could not find a free name under {parent} to move {run_dir} to.")
+    raise SystemExit(f"[compare] could not find a free name under {parent} to move {source} to.")
 
 
 def run_one(args, spec, seed: int, defaults: dict | None = None, env: dict | None = None) -> Path:
@@ -260,6 +262,9 @@ def _run_claimed(args, spec, seed, run_dir, wanted, unset, env, label) -> Path:
     if os.path.lexists(run_dir):
         moved = set_aside(run_dir)
         print(f"{label}: running again: {reason}. The old folder is now {moved}.", flush=True)
+    if os.path.lexists(run_dir.parent / f"{run_dir.name}.log"):  # the log of a run stopped before it finished
+        moved = set_aside(run_dir, suffix=".log")
+        print(f"{label}: the log of an earlier, unfinished attempt is now {moved}.", flush=True)
     prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]
     command = prefix + [str(HERE / wanted[0]), "--output_dir", str(run_dir), *wanted[1:]]
     env = os.environ.copy() if env is None else env

@@ -602,6 +602,24 @@ def test_runner_reruns_a_damaged_arm_and_names_the_file(tmp_path, fake_recipe, c
     assert json.loads((damaged / "metrics.json").read_text())["eval_nll"] == pytest.approx(1.1 + 0.5)
 
 
+def test_runner_keeps_the_log_of_an_interrupted_run(tmp_path, fake_recipe, capsys):
+    """A run killed before it finished leaves `<seed>.log` beside its folder; the next invocation moves it under
+    superseded/ before the new attempt writes its own."""
+    launcher, calls = fake_recipe
+    out = tmp_path / "cmp"
+    (out / "ce" / "seed0").mkdir(parents=True)
+    (out / "ce" / "seed0" / "checkpoint-10.bin").write_bytes(b"half a run")
+    (out / "ce" / "seed0.log").write_text("step 10 of 1800, then killed")
+    load_compare().main(["--methods", "ce", "--seeds", "0", "--output_dir", str(out), "--launcher", launcher])
+    assert len(calls()) == 1 and (out / "ce" / "seed0" / "metrics.json").is_file()
+    moved = sorted((out / "ce" / "superseded").iterdir())
+    assert [p.suffix for p in moved] == ["", ".log"]
+    assert (moved[0] / "checkpoint-10.bin").read_bytes() == b"half a run"
+    assert moved[1].read_text() == "step 10 of 1800, then killed"
+    assert "the log of an earlier, unfinished attempt is now" in capsys.readouterr().out
+    assert not (out / "ce" / "seed0.log").exists()
+
+
 def test_runner_recipe_that_writes_no_metrics(tmp_path, fake_recipe, monkeypatch):
     launcher, _ = fake_recipe
     monkeypatch.setenv("FAKE_RECIPE_NO_METRICS", "1")
