@@ -262,7 +262,10 @@ def _run_claimed(args, spec, seed, run_dir, wanted, unset, env, label) -> Path:
     if os.path.lexists(run_dir):
         moved = set_aside(run_dir)
         print(f"{label}: running again: {reason}. The old folder is now {moved}.", flush=True)
-    if os.path.lexists(run_dir.parent / f"{run_dir.name}.log"):  # the log of a run stopped before it finished
+    # The log is written beside the run folder while the recipe runs (the recipe may refuse a non-empty
+    # output_dir), then moved into it; one found there now is the log of a run stopped before it finished.
+    running_log = run_dir.parent / f"{run_dir.name}.log"
+    if os.path.lexists(running_log):
         moved = set_aside(run_dir, suffix=".log")
         print(f"{label}: the log of an earlier, unfinished attempt is now {moved}.", flush=True)
     prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]
@@ -270,9 +273,6 @@ def _run_claimed(args, spec, seed, run_dir, wanted, unset, env, label) -> Path:
     env = os.environ.copy() if env is None else env
     print(f"{label}: {shlex.join(command)}", flush=True)
     started = time.time()
-    # The log is written beside the run folder while the recipe runs (the recipe may refuse a non-empty
-    # output_dir), then moved into it.
-    running_log = run_dir.parent / f"{run_dir.name}.log"
     with open(running_log, "w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     run_dir.mkdir(exist_ok=True)
@@ -346,6 +346,17 @@ def check_finished_runs(output_dir: Path) -> None:
                          "without --report_only to run it again, or move its folder away.")
 
 
+PLOTS = ("reliability", "logit_gaps", "training_curves")
+
+
+def table_files(output_dir: Path, name: str) -> dict[str, Path]:
+    """Where the table `name` and its plots go: `<name>.md`, `<name>.csv`, and `reliability.png`, ... for the name
+    'results' (the runner's default), `<name>_reliability.png`, ... for any other."""
+    stem = "" if name == "results" else f"{name}_"
+    return {"md": output_dir / f"{name}.md", "csv": output_dir / f"{name}.csv",
+            **{plot: output_dir / f"{stem}{plot}.png" for plot in PLOTS}}
+
+
 def report(output_dir: Path, order: list[str], name: str = "results", seeds: list[int] | None = None) -> dict:
     """Tabulate and plot every finished run under `output_dir`: the requested methods first, in `order`, then any
     other method found there (a directory shared by two sweeps is reported whole). With `seeds`, only the runs of
@@ -367,9 +378,9 @@ def report(output_dir: Path, order: list[str], name: str = "results", seeds: lis
                                                                    is not None else "."))
     found = list(dict.fromkeys(run.method for run in runs))
     summary = summarize(runs, order=[m for m in order if m in found] + [m for m in found if m not in order])
-    (output_dir / f"{name}.md").write_text(to_markdown(summary))
-    (output_dir / f"{name}.csv").write_text(to_csv(summary))
-    stem = "" if name == "results" else f"{name}_"
+    files = table_files(output_dir, name)
+    files["md"].write_text(to_markdown(summary))
+    files["csv"].write_text(to_csv(summary))
     pooled, missing = {}, []
     for method in summary["methods"]:
         states = []
@@ -384,9 +395,9 @@ def report(output_dir: Path, order: list[str], name: str = "results", seeds: lis
     if missing:
         print(f"[compare] no diagnostics.json (left out of the calibration plots) in: {', '.join(missing)}", flush=True)
     if pooled:
-        plot_reliability(pooled, output_dir / f"{stem}reliability.png")
-        plot_logit_gaps(pooled, output_dir / f"{stem}logit_gaps.png")
-    plot_training_curves(runs, output_dir / f"{stem}training_curves.png")
+        plot_reliability(pooled, files["reliability"])
+        plot_logit_gaps(pooled, files["logit_gaps"])
+    plot_training_curves(runs, files["training_curves"])
     print(to_markdown(summary), flush=True)
     summary["runs"] = runs
     return summary
@@ -402,10 +413,7 @@ def export(output_dir: Path, name: str, summary: dict, destination: Path) -> lis
     commit), keeping the `<method>/seed<k>/` layout so that the table can be rebuilt from the copy. A destination
     that holds anything but an earlier export's files (listed in its EXPORTED.json) is refused: nothing this
     function did not write is overwritten or removed."""
-    stem = "" if name == "results" else f"{name}_"
-    files = [output_dir / f"{name}.md", output_dir / f"{name}.csv"]
-    files += [output_dir / f"{stem}{plot}.png" for plot in ("reliability", "logit_gaps", "training_curves")]
-    copies = [(path, destination / path.name) for path in files if path.is_file()]
+    copies = [(path, destination / path.name) for path in table_files(output_dir, name).values() if path.is_file()]
     for run in summary["runs"]:
         for file in EXPORTED_RUN_FILES:
             if (run.path / file).is_file():
