@@ -350,20 +350,23 @@ PLOTS = ("reliability", "logit_gaps", "training_curves")
 
 
 def table_files(output_dir: Path, name: str) -> dict[str, Path]:
-    """Where the table `name` and its plots go: `<name>.md`, `<name>.csv`, and `reliability.png`, ... for the name
-    'results' (the runner's default), `<name>_reliability.png`, ... for any other."""
+    """Where the table `name`, its per-run table and its plots go: `<name>.md`, `<name>_runs.md`, `<name>.csv`, and
+    `reliability.png`, ... for the name 'results' (the runner's default), `<name>_reliability.png`, ... for any
+    other."""
     stem = "" if name == "results" else f"{name}_"
-    return {"md": output_dir / f"{name}.md", "csv": output_dir / f"{name}.csv",
-            **{plot: output_dir / f"{stem}{plot}.png" for plot in PLOTS}}
+    return {"md": output_dir / f"{name}.md", "runs_md": output_dir / f"{name}_runs.md",
+            "csv": output_dir / f"{name}.csv", **{plot: output_dir / f"{stem}{plot}.png" for plot in PLOTS}}
 
 
 def report(output_dir: Path, order: list[str], name: str = "results", seeds: list[int] | None = None) -> dict:
     """Tabulate and plot every finished run under `output_dir`: the requested methods first, in `order`, then any
     other method found there (a directory shared by two sweeps is reported whole). With `seeds`, only the runs of
-    the methods in `order` and of those seeds (`--only_listed`). Writes `<name>.md`, `<name>.csv` and the plots
-    (`reliability.png`, ... for the name 'results'; `<name>_reliability.png`, ... otherwise)."""
+    the methods in `order` and of those seeds (`--only_listed`). Writes `<name>.md`, `<name>_runs.md` (one row per
+    run), `<name>.csv` and the plots (`reliability.png`, ... for the name 'results'; `<name>_reliability.png`, ...
+    otherwise)."""
     from hf_smooth.plots import plot_logit_gaps, plot_reliability
-    from hf_smooth.demo.report import load_runs, plot_training_curves, pool_diagnostics, summarize, to_csv, to_markdown
+    from hf_smooth.demo.report import (load_runs, plot_training_curves, pool_diagnostics, runs_to_markdown, summarize,
+                                       to_csv, to_markdown)
 
     check_finished_runs(output_dir)
     runs = load_runs(output_dir)
@@ -380,6 +383,7 @@ def report(output_dir: Path, order: list[str], name: str = "results", seeds: lis
     summary = summarize(runs, order=[m for m in order if m in found] + [m for m in found if m not in order])
     files = table_files(output_dir, name)
     files["md"].write_text(to_markdown(summary))
+    files["runs_md"].write_text(runs_to_markdown(runs, order=summary["methods"]))
     files["csv"].write_text(to_csv(summary))
     pooled, missing = {}, []
     for method in summary["methods"]:
@@ -434,8 +438,8 @@ def export(output_dir: Path, name: str, summary: dict, destination: Path) -> lis
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
     written = sorted(target.relative_to(destination).as_posix() for _, target in copies)
-    (destination / EXPORT_RECORD).write_text(json.dumps({"source": str(output_dir), "table": f"{name}.md",
-                                                         "files": written}, indent=2) + "\n")
+    record = {"source": str(output_dir), "table": f"{name}.md", "runs_table": f"{name}_runs.md", "files": written}
+    (destination / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     ours = {parent for old in earlier for parent in (destination / old).parents if destination in parent.parents}
     for folder in sorted(ours, key=lambda p: len(p.parts), reverse=True):
         if folder.is_dir() and not any(folder.iterdir()):

@@ -28,7 +28,8 @@ import torch
 from metric_oracles import oracle_metrics
 
 from hf_smooth.metrics import TokenMetrics
-from hf_smooth.demo.report import DEFAULT_METRICS, MethodSpec, load_runs, pool_diagnostics, summarize, to_csv, to_markdown
+from hf_smooth.demo.report import (DEFAULT_METRICS, MethodSpec, load_runs, pool_diagnostics, runs_to_markdown, summarize,
+                                   to_csv, to_markdown)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +115,20 @@ def test_to_markdown_hand_written(hand_runs):
         "| LS 0.1 | 3 | 4.0000 ± 2.0000 | n/a | 0.5000 ± 0.2500 |\n"
         "| MaxSup 0.1 | 2 | 4.0000 ± 1.4142 | n/a | 0.1250 |\n"
         "| CE | 1 | 7.5000 | 0.6250 | n/a |\n"
+    )
+
+
+def test_runs_to_markdown_hand_written(hand_runs):
+    """One row per run, seeds ascending within a method; a null (non-finite) value and an absent key are both n/a."""
+    assert runs_to_markdown(load_runs(hand_runs), order=["MaxSup 0.1", "LS 0.1", "CE"]) == (
+        "| method | seed | eval NLL | token acc. | ECE |\n"
+        "|---|---|---|---|---|\n"
+        "| MaxSup 0.1 | 0 | 3.0000 | n/a | n/a |\n"
+        "| MaxSup 0.1 | 1 | 5.0000 | n/a | 0.1250 |\n"
+        "| LS 0.1 | 0 | 2.0000 | n/a | 0.2500 |\n"
+        "| LS 0.1 | 1 | 4.0000 | n/a | 0.7500 |\n"
+        "| LS 0.1 | 2 | 6.0000 | n/a | 0.5000 |\n"
+        "| CE | 0 | 7.5000 | 0.6250 | n/a |\n"
     )
 
 
@@ -469,6 +484,13 @@ def test_export_copies_what_rebuilds_the_table_and_nothing_else(tmp_path, fake_r
                 assert (dest / slug / f"seed{seed}" / name).read_bytes() == (out / slug / f"seed{seed}" / name).read_bytes()
     rebuilt = summarize(load_runs(dest), order=["CE", "LS 0.1"])
     assert to_markdown(rebuilt) == (dest / "results.md").read_text()
+    # The per-run table travels with it: the fake recipe's eval_nll is 1 + alpha + 0.5 * seed.
+    record = json.loads((dest / "EXPORTED.json").read_text())
+    assert record["table"] == "results.md" and record["runs_table"] == "results_runs.md"
+    per_run = (dest / "results_runs.md").read_text()
+    assert per_run == (out / "results_runs.md").read_text() == runs_to_markdown(load_runs(dest), order=["CE", "LS 0.1"])
+    assert [line.split(" | ")[:3] for line in per_run.splitlines()[2:]] == [
+        ["| CE", "0", "1.0000"], ["| CE", "1", "1.5000"], ["| LS 0.1", "0", "1.1000"], ["| LS 0.1", "1", "1.6000"]]
 
     # Exporting a one-seed table to the same folder replaces the earlier export: no seed-1 run lingers.
     compare.main(argv[:4] + ["0"] + argv[6:] + ["--report_only", "--only_listed", "--export", str(dest)])

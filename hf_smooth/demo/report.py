@@ -23,6 +23,7 @@ __all__ = [
     "pool_diagnostics",
     "summarize",
     "to_markdown",
+    "runs_to_markdown",
     "to_csv",
     "plot_training_curves",
 ]
@@ -156,6 +157,10 @@ def _mean_sd(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(var)
 
 
+def _columns(runs: list[Run], metrics) -> list[tuple[str, str]]:
+    return [(key, title) for key, title, _ in metrics if any(key in run.metrics for run in runs)]
+
+
 def summarize(runs: list[Run], metrics=DEFAULT_METRICS, order: list[str] | None = None) -> dict:
     """``{"methods": [...], "columns": [(key, title)], "cells": {method: {key: (mean, sd, n)}}}``.
 
@@ -163,7 +168,7 @@ def summarize(runs: list[Run], metrics=DEFAULT_METRICS, order: list[str] | None 
     deviation over seeds (None with one seed).
     """
     methods = order or list(dict.fromkeys(run.method for run in runs))
-    columns = [(key, title) for key, title, _ in metrics if any(key in run.metrics for run in runs)]
+    columns = _columns(runs, metrics)
     cells = {}
     for method in methods:
         mine = [run for run in runs if run.method == method]
@@ -196,6 +201,22 @@ def to_markdown(summary: dict) -> str:
         count = max((v[2] for v in cells.values()), default=0)
         row = [method, str(count)] + [_cell(cells.get(key)) for key, _ in summary["columns"]]
         lines.append("| " + " | ".join(map(_md, row)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def runs_to_markdown(runs: list[Run], metrics=DEFAULT_METRICS, order: list[str] | None = None) -> str:
+    """A Markdown table with one row per run (method, seed, each metric to 4 decimals, "n/a" where the run has none):
+    the per-seed view behind `to_markdown`'s means, for when seeds differ more than methods do. Methods in `order`
+    (default: first appearance), seeds ascending; the columns are `summarize`'s."""
+    order = order or list(dict.fromkeys(run.method for run in runs))
+    columns = _columns(runs, metrics)
+    header = ["method", "seed"] + [title for _, title in columns]
+    lines = ["| " + " | ".join(map(_md, header)) + " |", "|" + "---|" * len(header)]
+    for method in order:
+        for run in sorted((run for run in runs if run.method == method), key=lambda run: run.seed):
+            values = [run.metrics.get(key) for key, _ in columns]
+            row = [method, str(run.seed)] + ["n/a" if value is None else f"{float(value):.4f}" for value in values]
+            lines.append("| " + " | ".join(map(_md, row)) + " |")
     return "\n".join(lines) + "\n"
 
 
