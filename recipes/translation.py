@@ -169,6 +169,11 @@ class TranslationTrainingArguments(OutputDirArguments, SmoothSeq2SeqTrainingArgu
         default=400,
         metadata={"help": "Linear warmup steps (Marian is post-LN: with 50 the embedded model stalled at BLEU 0)."},
     )
+    adam_beta2: float = field(
+        default=0.98,
+        metadata={"help": "Adam beta2 (0.98 as Vaswani et al. 2017; with 0.999 the embedded model sat on a unigram "
+                  "plateau to step ~650 at --seed 1 and ended at BLEU < 1, docs/translation_default.md)."},
+    )
     include_for_metrics: list[str] = field(
         default_factory=lambda: ["inputs"],
         metadata={"help": "Passed to compute_metrics; 'inputs' lets eval_predictions.jsonl follow the dataset order "
