@@ -26,7 +26,7 @@ from transformers import Seq2SeqTrainer, Trainer
 
 from . import _compat
 from .arguments import SmoothingArguments
-from .logs import eval_logs, previous_num_tokens, train_window_logs
+from .logs import NUM_TOKENS_STATE, eval_logs, resumed_num_tokens, train_window_logs
 from .losses import LossComponents, smoothed_cross_entropy
 from .modeling import align_targets, align_weights, is_encoder_decoder, loss_shifts_labels, prepare_decoder_input_ids, unwrap_model
 
@@ -98,7 +98,7 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         self._fused_warned = False
         self._run_parts: torch.Tensor | None = None  # the same sums since train() began, for train_loss
         self._input_tokens: torch.Tensor | None = None  # this process's input tokens since train() began (num_tokens)
-        self._num_tokens_before = 0.0  # num_tokens of the last log before train() began (a resumed run's)
+        self._num_tokens_before = 0.0  # num_tokens when train() began (a resumed run's, from its checkpoint)
         self._warned_empty: set[str] = set()  # what has been reported as scoring no token (warned once each)
         self._warned_eval_weights = False  # evaluation with loss_weights other than 0/1 (warned once)
         self._eval_z_loss: torch.Tensor | None = None  # [z-loss sum, tokens] of the evaluation in progress
@@ -242,8 +242,10 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
             count = torch.tensor(0 if embeds is None else embeds.shape[:-1].numel())
         count = count.to(torch.int64)
         if self._input_tokens is None:
-            # First batch of this train(): the trainer state (a resumed run's log history) is loaded by now.
-            self._num_tokens_before = previous_num_tokens(self.state.log_history)
+            # First batch of this train(): the trainer state (a resumed run's checkpoint) is loaded by now.
+            self._num_tokens_before, missing = resumed_num_tokens(self.state)
+            if missing:
+                logger.warning(missing)
             self._input_tokens = count
         else:
             self._input_tokens = self._input_tokens + count.to(self._input_tokens.device)
@@ -257,6 +259,13 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         if self.accelerator.num_processes > 1:
             seen = self.accelerator.reduce(seen.clone(), reduction="sum")
         return self._num_tokens_before + float(seen.item())
+
+    def _save_checkpoint(self, model, trial):
+        # The count at this step goes into the checkpoint's trainer_state.json (`resumed_num_tokens` reads it back).
+        # Called on every process, as `_num_tokens` needs under DDP; only the main process writes the file.
+        count = {"args": {}, "attributes": {"num_tokens": self._num_tokens()}}
+        self.state.stateful_callbacks[NUM_TOKENS_STATE] = count
+        super()._save_checkpoint(model, trial)
 
     # ---- the loss ------------------------------------------------------------------------------------------------
 

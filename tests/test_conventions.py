@@ -14,6 +14,7 @@ the model's logits, the paper's schedule formula written out.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -24,6 +25,7 @@ from trainer_helpers import LR, example_logits_and_targets, max_diff, params_of,
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_smooth import SmoothedLoss, SmoothingArguments, SmoothSeq2SeqTrainer, SmoothTrainer, SmoothTrainingArguments
+from hf_smooth.logs import NUM_TOKENS_STATE
 
 # ---- label_smoothing_factor ------------------------------------------------------------------------------------------
 
@@ -200,24 +202,55 @@ def test_log_names_are_trl_names_in_training_and_evaluation(route, tmp_path):
     assert metrics["eval_entropy"] == pytest.approx(whole["entropy"], rel=1e-5)
 
 
-def test_num_tokens_continues_after_resume(tmp_path):
-    """A run resumed from a checkpoint logs the same cumulative num_tokens as the uninterrupted run."""
+def _num_tokens_run(tmp_path, output, resume=None, save_steps=4, **extra):
+    """Cumulative num_tokens per logging step of an 8-step run logged every 2 steps (resumed from `resume`)."""
     examples = causal_examples(16, seed=4)
+    model = BUILDERS["llama"](0)
+    args = plain_args(tmp_path, name=output, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                      max_steps=8, learning_rate=0.1, save_strategy="steps", save_steps=save_steps, logging_steps=2,
+                      **extra)
+    smoothing = SmoothingArguments(smoothing_method="maxsup")
+    trainer = SmoothTrainer(model=model, args=args, train_dataset=ListDataset(examples),
+                            data_collator=PadCollator(), smoothing_args=smoothing)
+    trainer.train(resume_from_checkpoint=resume)
+    return {log["step"]: log["num_tokens"] for log in trainer.state.log_history if "num_tokens" in log}
 
-    def run(output, resume=None):
-        model = BUILDERS["llama"](0)
-        args = plain_args(tmp_path, name=output, per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                          max_steps=8, learning_rate=0.1, save_strategy="steps", save_steps=4, logging_steps=2)
-        smoothing = SmoothingArguments(smoothing_method="maxsup")
-        trainer = SmoothTrainer(model=model, args=args, train_dataset=ListDataset(examples),
-                                data_collator=PadCollator(), smoothing_args=smoothing)
-        trainer.train(resume_from_checkpoint=resume)
-        return {log["step"]: log["num_tokens"] for log in trainer.state.log_history if "num_tokens" in log}
 
-    full = run("full")
-    resumed = run("full", resume=str(tmp_path / "full" / "checkpoint-4"))
+@pytest.mark.parametrize(
+    "save_steps, restore", [(4, False), (3, False), (3, True)],
+    ids=["checkpoint-at-a-log", "checkpoint-between-logs", "restoring-callback-states"],
+)
+def test_num_tokens_continues_after_resume(tmp_path, save_steps, restore):
+    """A run resumed from a checkpoint logs the same cumulative num_tokens as the uninterrupted run, also when the
+    checkpoint (step 3) falls between two logs (steps 2 and 4): the count of step 3 comes from the checkpoint. With
+    transformers restoring callback states, the entry (no callback) is left to hf_smooth."""
+    full = _num_tokens_run(tmp_path, "full", save_steps=save_steps)
+    checkpoint = tmp_path / "full" / f"checkpoint-{save_steps}"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"][NUM_TOKENS_STATE]
+    resumed = _num_tokens_run(tmp_path, "full", resume=str(checkpoint), save_steps=save_steps,
+                              restore_callback_states_from_checkpoint=restore)
     assert sorted(full) == [2, 4, 6, 8]
     assert resumed == full
+    assert full[2] < saved["attributes"]["num_tokens"] <= full[4]
+    if save_steps == 4:
+        assert saved["attributes"]["num_tokens"] == full[4]
+
+
+def test_num_tokens_resumed_without_a_count_says_what_it_misses(tmp_path, caplog):
+    """A checkpoint without hf_smooth's count (another trainer's, an older hf_smooth's): the count continues from the
+    last log, short by step 3's tokens, and a warning says so."""
+    full = _num_tokens_run(tmp_path, "full", save_steps=3)
+    state_file = tmp_path / "full" / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"][NUM_TOKENS_STATE]
+    state_file.write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING, logger="hf_smooth"):
+        resumed = _num_tokens_run(tmp_path, "full", resume=str(tmp_path / "full" / "checkpoint-3"), save_steps=3)
+    assert "num_tokens continues from the log of step 2" in caplog.text
+    assert "the input tokens of step 3." in caplog.text
+    missing = full[4] - resumed[4]
+    assert missing > 0
+    assert all(full[step] - resumed[step] == missing for step in (4, 6, 8))
 
 
 # ---- MaxSup per-epoch schedule --------------------------------------------------------------------------------------
