@@ -76,6 +76,8 @@ def check_trainer_supported(trainer: Trainer) -> None:
     - `Trainer.get_batch_samples(epoch_iterator, num_batches, device)`: where the mixin counts the tokens of
       the whole accumulation window.
     - `Trainer.compute_loss(model, inputs, return_outputs, num_items_in_batch)`: where that count arrives.
+    - `Trainer._save_checkpoint(model, trial)`, called on every process: where the mixin puts its `num_tokens` count
+      into the checkpoint's trainer state (`save_checkpoint`).
     """
     if not isinstance(trainer, Trainer):
         raise TypeError(
@@ -92,6 +94,7 @@ def check_trainer_supported(trainer: Trainer) -> None:
         )
     _check_parameters("get_batch_samples", ["self", "epoch_iterator", "num_batches", "device"])
     _check_parameters("compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"])
+    _check_parameters("_save_checkpoint", ["self", "model", "trial"])
 
 
 def _trainer_module_reads(expression: str) -> bool:
@@ -110,6 +113,12 @@ def _check_parameters(name: str, expected: list[str]) -> None:
             f"SmoothLossMixin overrides Trainer.{name}({', '.join(expected[1:])}), but this transformers defines "
             f"Trainer.{name}({', '.join(found[1:])})."
         )
+
+
+def save_checkpoint(parent, model, trial) -> None:
+    """The parent class's private ``Trainer._save_checkpoint`` (``parent`` is the mixin's ``super()``), which writes
+    ``trainer_state.json`` with the state's ``stateful_callbacks`` (transformers 5.19-5.24)."""
+    parent._save_checkpoint(model, trial)
 
 
 # ---- accelerate: DDP after an evaluation-only preparation -------------------------------------------------------

@@ -265,7 +265,7 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
         # Called on every process, as `_num_tokens` needs under DDP; only the main process writes the file.
         count = {"args": {}, "attributes": {"num_tokens": self._num_tokens()}}
         self.state.stateful_callbacks[NUM_TOKENS_STATE] = count
-        super()._save_checkpoint(model, trial)
+        _compat.save_checkpoint(super(), model, trial)
 
     # ---- the loss ------------------------------------------------------------------------------------------------
 
