@@ -47,6 +47,17 @@ def _logits_of(outputs) -> torch.Tensor:
     return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
 
 
+@torch.no_grad()
+def _sequence_z_loss(logits: torch.Tensor, targets: torch.Tensor, knobs: dict, reduce_kwargs: dict) -> torch.Tensor:
+    """``(B, 2)`` float64 ``[z-loss sum, scored tokens]`` per sequence of an eval batch: per sequence, so that
+    ``gather_for_metrics`` drops the samples a distributed sampler duplicated, as it does for the other eval sums."""
+    rows = []
+    for row_logits, row_targets in zip(logits.split(1), targets.split(1)):
+        _, parts = smoothed_cross_entropy(row_logits, row_targets, **knobs, return_components=True, **reduce_kwargs)
+        rows.append(torch.stack([parts.z_loss, parts.num_tokens]))
+    return torch.stack(rows).double()
+
+
 class SmoothLossMixin(_compat.ResumableTrainOrder):
     """Put before a `Trainer` subclass: ``class MyTrainer(SmoothLossMixin, SFTTrainer): ...``.
 
@@ -322,16 +333,12 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
                 )
             else:
                 targets = self._eval_targets(targets, weights)
-                token_loss, eval_parts = smoothed_cross_entropy(
-                    logits, targets, **knobs, reduction="none", return_components=True, **reduce_kwargs
-                )
-                if self._eval_z_loss is not None:  # [z-loss sum, tokens] for eval_z_loss
-                    self._eval_z_loss += torch.stack([eval_parts.z_loss, eval_parts.num_tokens]).double().to(
-                        self._eval_z_loss.device
-                    )
+                token_loss = smoothed_cross_entropy(logits, targets, **knobs, reduction="none", **reduce_kwargs)
                 count = targets.ne(options.smoothing_ignore_index).sum()
                 loss = token_loss.sum() / count.clamp(min=1)
                 self._record_eval_batch(logits, targets, token_loss)
+                if self._eval_z_loss is not None and self._pending_eval_stats is not None:
+                    self._pending_eval_stats["z_loss"] = _sequence_z_loss(logits, targets, knobs, reduce_kwargs)
 
         if training:
             # The micro-batch's share of the window: its weight over the window's total (token counts without weights).
@@ -531,7 +538,11 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
                 stats = self.accelerator.pad_across_processes(stats, dim=1, pad_index=PAD_VALUE)
             # gather_for_metrics drops the samples the distributed sampler duplicated to even out the last batch,
             # so a 2-process evaluation sums exactly the same samples as a 1-process one.
-            self._eval_accumulator.add(self.accelerator.gather_for_metrics(stats))
+            gathered = self.accelerator.gather_for_metrics(stats)
+            z_rows = gathered.pop("z_loss", None)
+            if z_rows is not None:  # every rank gathered the same rows: no reduce at the end
+                self._eval_z_loss += z_rows.sum(dim=0).to(self._eval_z_loss.device)
+            self._eval_accumulator.add(gathered)
         return result
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -569,8 +580,7 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
             results["smoothing_alpha"] = self.smoothing_alpha
             output.metrics.update(eval_logs(results, metric_key_prefix))
         if self._eval_z_loss is not None:
-            # Summed per batch (under DDP the sampler's few repeated samples of the last batch count twice).
-            z_sum, count = self.accelerator.reduce(self._eval_z_loss, reduction="sum").tolist()
+            z_sum, count = self._eval_z_loss.tolist()
             output.metrics[f"{metric_key_prefix}_z_loss"] = z_sum / count if count else float("nan")
             self._eval_z_loss = None
         return output

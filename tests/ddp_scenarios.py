@@ -45,6 +45,7 @@ from trainer_helpers import SMOOTH_LOG_KEYS, is_fallback_warning, max_diff, smoo
 from hf_smooth import SmoothSeq2SeqTrainer, SmoothSeq2SeqTrainingArguments, SmoothTrainer, SmoothTrainingArguments
 
 ALPHA = 0.1
+Z_LOSS = 0.01  # the z-loss coefficient of the eval_z evaluation (tests/scripts/ddp_train.py)
 # A rank left waiting in a collective (the other rank skipped a backward, or called a different collective) waits
 # for good: with ddp_timeout=120 such a wait had not ended after 5 minutes here. After this many seconds in one
 # scenario (which takes 1-5 s) a rank prints the stack of every thread and exits, ending the launch with the place

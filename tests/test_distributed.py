@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from ddp_scenarios import build_model, check_two_process_step, launch_scenarios
+from ddp_scenarios import Z_LOSS, build_model, check_two_process_step, launch_scenarios
 from metric_oracles import oracle_metrics
 from tiny_models import SEQ2SEQ, ListDataset, PadCollator, causal_examples, seq2seq_examples
 from trainer_helpers import ALPHA, example_logits_and_targets, max_diff, oracle_token_losses, params_of
@@ -177,6 +177,7 @@ def hand_eval(model, spec, examples):
     expected = oracle_metrics(z, y)
     expected["nll_by_cross_entropy"] = F.cross_entropy(z[keep].double(), y[keep]).item()
     expected["loss"] = oracle_token_losses(z, y, spec["method"], ALPHA).sum().item() / int(keep.sum())
+    expected["z_loss"] = (Z_LOSS * torch.logsumexp(z[keep].double(), dim=-1).square()).sum().item() / int(keep.sum())
     return expected
 
 
@@ -229,6 +230,11 @@ def check_evaluation(result, spec, tmp_path):
                  "logit_norm", "small_logit_frac"]:
         logged = "mean_token_accuracy" if name == "accuracy" else name  # TRL's name in the logs (hf_smooth/logs.py)
         assert two_before[f"eval_{logged}"] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+    # With a z-loss (a second trainer, same fresh model): each sample's z-loss once, and the loss includes it.
+    with_z = result["eval_z"]
+    assert with_z["eval_num_tokens"] == expected["num_tokens"]
+    assert with_z["eval_z_loss"] == pytest.approx(expected["z_loss"], rel=1e-7)  # counting a duplicate twice: ~1e-5
+    assert with_z["eval_loss"] == pytest.approx(expected["loss"] + expected["z_loss"], rel=1e-6)
 
     # After the step: the same comparison on the models each side trained (equal to ~1e-7).
     trained = one_process_trainer(spec, tmp_path / "trained")

@@ -12,10 +12,11 @@ per_device_train_batch_size, gradient_accumulation_steps), each with also
 
 For each scenario, on every rank: a fresh model, evaluate() when there is an eval set, one SGD step (lr 1, no
 clipping), evaluate() again. The outputs are those of ddp_scenarios.write_outputs; result.json also holds both
-evaluations (eval_before, eval_after).
+evaluations (eval_before, eval_after) and, with an eval set, evaluate() of a second trainer on a fresh model with
+smoothing_z_loss=Z_LOSS (eval_z).
 """
 
-from ddp_scenarios import RecordingSeq2SeqTrainer, RecordingTrainer, build_model, run_scenarios, scenario_args
+from ddp_scenarios import Z_LOSS, RecordingSeq2SeqTrainer, RecordingTrainer, build_model, run_scenarios, scenario_args
 from ddp_scenarios import train_recording_fallbacks, write_outputs
 from tiny_models import SEQ2SEQ, ListDataset, PadCollator
 from trainer_helpers import params_of
@@ -38,10 +39,18 @@ def run(out, scenario):
     assert trainer.accelerator.num_processes == 2
 
     eval_before = trainer.evaluate() if eval_set is not None else None
+    eval_z = None
+    if eval_set is not None:
+        z_args = scenario_args(
+            scenario, out, per_device_eval_batch_size=scenario["per_device_eval_batch_size"], smoothing_z_loss=Z_LOSS
+        )
+        z_trainer = trainer_cls(model=build_model(scenario), args=z_args, eval_dataset=eval_set,
+                                data_collator=PadCollator())
+        eval_z = z_trainer.evaluate()
     fallback = train_recording_fallbacks(trainer)
     eval_after = trainer.evaluate() if eval_set is not None else None
     write_outputs(trainer, model, out, initial=initial, fallback=fallback,
-                  result={"eval_before": eval_before, "eval_after": eval_after})
+                  result={"eval_before": eval_before, "eval_after": eval_after, "eval_z": eval_z})
 
 
 if __name__ == "__main__":
