@@ -57,14 +57,28 @@ class TrainingInterrupted(Exception):
 def recipe_main(run, argv: list[str] | None = None) -> dict:
     """Call a recipe's `run(argv)` and return its metrics; a `RecipeError` becomes one line on stderr and exit 2."""
     try:
-        return run(argv)[0]
+        metrics = run(argv)[0]
     except RecipeError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except TrainingInterrupted as stopped:
         if int(os.environ.get("RANK", "0")) == 0:
             print(stopped, file=sys.stderr, flush=True)
+        close_process_group()
         raise SystemExit(stopped.exit_code) from None
+    close_process_group()
+    return metrics
+
+
+def close_process_group() -> None:
+    """Destroy the default process group once every rank has finished (or stopped at a checkpoint together), as
+    torch asks of a script. Left to interpreter exit, gloo's worker threads can abort the process (SIGABRT,
+    "terminate called without an active exception"), so a run that wrote all its outputs exits with 134; NCCL
+    warns. Not after an error: a rank still inside a collective could then hang instead of failing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---- arguments ------------------------------------------------------------------------------------------------------

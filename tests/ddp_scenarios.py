@@ -163,6 +163,9 @@ def run_scenarios(run) -> None:
         os.makedirs(out, exist_ok=True)
         run(out, scenario)
         faulthandler.cancel_dump_traceback_later()
+    # Left to interpreter exit, gloo's threads can abort a rank (SIGABRT) after every result was written.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 # ---- in the test process ---------------------------------------------------------------------------------------

@@ -363,6 +363,38 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     assert data.block_size == 48 and data.packing is False and training.max_steps == 40  # recipe default
 
 
+@pytest.mark.parametrize("outcome", ["finished", "interrupted", "bad input"])
+def test_recipe_main_closes_the_process_group_after_a_run_not_after_an_error(outcome):
+    """A finished or checkpoint-interrupted run destroys the process group itself (left to interpreter exit, gloo's
+    threads can abort a rank with SIGABRT after every output was written); after bad input it is left alone."""
+    import torch.distributed as dist
+
+    load_recipe("clm")
+    from common import RecipeError, TrainingInterrupted, recipe_main
+
+    def run(argv):
+        assert dist.is_initialized()
+        if outcome == "interrupted":
+            raise TrainingInterrupted("stopped at checkpoint-3", 15)
+        if outcome == "bad input":
+            raise RecipeError("--flag: bad")
+        return {"eval_loss": 1.0}, None
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        if outcome == "finished":
+            assert recipe_main(run, []) == {"eval_loss": 1.0}
+        else:
+            with pytest.raises(SystemExit) as stopped:
+                recipe_main(run, [])
+            assert stopped.value.code == (143 if outcome == "interrupted" else 2)
+        assert dist.is_initialized() == (outcome == "bad input")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("name", ["clm_qwen_lora_maxsup.yaml", "translation_opus_mt_ls.yaml"])
 def test_shipped_argument_files_parse(name):
     """The argument files in recipes/configs parse into the recipe's dataclasses (bf16 off: this machine has no GPU)."""
