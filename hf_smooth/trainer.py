@@ -47,15 +47,18 @@ def _logits_of(outputs) -> torch.Tensor:
     return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
 
 
-@torch.no_grad()
-def _sequence_z_loss(logits: torch.Tensor, targets: torch.Tensor, knobs: dict, reduce_kwargs: dict) -> torch.Tensor:
-    """``(B, 2)`` float64 ``[z-loss sum, scored tokens]`` per sequence of an eval batch: per sequence, so that
-    ``gather_for_metrics`` drops the samples a distributed sampler duplicated, as it does for the other eval sums."""
-    rows = []
+def _eval_loss_per_sequence(logits: torch.Tensor, targets: torch.Tensor, knobs: dict, reduce_kwargs: dict):
+    """The per-token loss of an eval batch and ``(B, 2)`` float64 ``[z-loss sum, scored tokens]`` per sequence, one
+    loss call a sequence: per sequence, so that ``gather_for_metrics`` drops the samples a distributed sampler
+    duplicated, as it does for the other eval sums."""
+    losses, z_rows = [], []
     for row_logits, row_targets in zip(logits.split(1), targets.split(1)):
-        _, parts = smoothed_cross_entropy(row_logits, row_targets, **knobs, return_components=True, **reduce_kwargs)
-        rows.append(torch.stack([parts.z_loss, parts.num_tokens]))
-    return torch.stack(rows).double()
+        row_loss, parts = smoothed_cross_entropy(
+            row_logits, row_targets, **knobs, reduction="none", return_components=True, **reduce_kwargs
+        )
+        losses.append(row_loss)
+        z_rows.append(torch.stack([parts.z_loss, parts.num_tokens]))
+    return torch.cat(losses), torch.stack(z_rows).double()
 
 
 class SmoothLossMixin(_compat.ResumableTrainOrder):
@@ -333,12 +336,16 @@ class SmoothLossMixin(_compat.ResumableTrainOrder):
                 )
             else:
                 targets = self._eval_targets(targets, weights)
-                token_loss = smoothed_cross_entropy(logits, targets, **knobs, reduction="none", **reduce_kwargs)
+                z_rows = None
+                if self._eval_z_loss is not None:  # inside evaluation_loop with a z-loss: eval_z_loss per sequence
+                    token_loss, z_rows = _eval_loss_per_sequence(logits, targets, knobs, reduce_kwargs)
+                else:
+                    token_loss = smoothed_cross_entropy(logits, targets, **knobs, reduction="none", **reduce_kwargs)
                 count = targets.ne(options.smoothing_ignore_index).sum()
                 loss = token_loss.sum() / count.clamp(min=1)
                 self._record_eval_batch(logits, targets, token_loss)
-                if self._eval_z_loss is not None and self._pending_eval_stats is not None:
-                    self._pending_eval_stats["z_loss"] = _sequence_z_loss(logits, targets, knobs, reduce_kwargs)
+                if z_rows is not None and self._pending_eval_stats is not None:
+                    self._pending_eval_stats["z_loss"] = z_rows
 
         if training:
             # The micro-batch's share of the window: its weight over the window's total (token counts without weights).
